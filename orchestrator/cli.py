@@ -1,0 +1,308 @@
+"""The `orchestrator` command: serve, submit, status, health, scale, stop, keygen, demo.
+
+Exit codes: 0 success; 1 the request failed (an error reply, printed with its code); 2 bad usage or
+config; 3 no answer from the coordinator within the timeout.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+import time
+
+from protocol import JobError
+
+from . import logs
+from .config import DEFAULT_ADDRESS, PoolConfig, ServerConfig, load_toml
+
+EXIT_OK, EXIT_FAILED, EXIT_USAGE, EXIT_NO_ANSWER = 0, 1, 2, 3
+
+
+# ---------------------------------------------------------------------------- serve
+
+
+def add_serve(sub) -> None:
+    p = sub.add_parser("serve", help="run a coordinator and its workers in the foreground",
+                       description="Run a coordinator. With no --config/--handler it serves an `embed` "
+                                   "pool on the bundled MiniLM, on every visible GPU or 2 CPU workers.")
+    p.add_argument("--config", help="TOML file declaring [server], [limits] and [pools.NAME] tables")
+    p.add_argument("--address", help=f"client endpoint (default {DEFAULT_ADDRESS}; tcp://HOST:0 picks "
+                                     f"a free port; ipc:// works too)")
+    p.add_argument("--devices", help="auto | cpu:N | GPU ids like 0,1,2,3 (default auto)")
+    p.add_argument("--pool", help="pool name for a single flag-defined pool (default: handler name)")
+    p.add_argument("--handler", help="built-in handler name or module:Class (default embed)")
+    p.add_argument("--model", help="model path or hub id for generate/embed handlers")
+    p.add_argument("--handler-config", help="extra handler config as JSON")
+    p.add_argument("--tp", type=int, help="tensor-parallel ranks per group")
+    p.add_argument("--replicas", type=int, help="worker slots to start (default: all the devices allow)")
+    p.add_argument("--workers-per-device", type=int)
+    p.add_argument("--capacity", type=int, help="credits (in-flight jobs) per worker")
+    p.add_argument("--retries", type=int, help="retry budget per job (default 2)")
+    p.add_argument("--step-budget", type=float, help="seconds before a busy worker is declared stuck")
+    p.add_argument("--max-restarts", type=int, help="restart budget per worker slot")
+    p.add_argument("--hb-interval", type=float)
+    p.add_argument("--hb-timeout", type=float)
+    p.add_argument("--drain-timeout", type=float)
+    p.add_argument("--metrics-port", type=int, help="serve Prometheus metrics on this port")
+    p.add_argument("--log-format", choices=["text", "json"])
+    p.add_argument("--log-level")
+    p.add_argument("--insecure", action="store_true", help="allow a non-loopback bind without CURVE")
+    p.add_argument("--curve-secret-key", help="server key pair file (from `orchestrator keygen`)")
+    p.add_argument("--authorized-keys", help="directory of client public key files")
+    p.add_argument("--kill-stale", action="store_true", help="kill leftover workers of earlier runs")
+    p.add_argument("--max-message-bytes", type=int)
+    p.add_argument("--max-pending-per-client", type=int)
+    p.add_argument("--max-queued", type=int, help="total queued jobs across pools")
+    p.set_defaults(func=cmd_serve)
+
+
+_SERVER_FLAGS = {"address": "address", "hb_interval": "hb_interval", "hb_timeout": "hb_timeout",
+                 "drain_timeout": "drain_timeout", "metrics_port": "metrics_port",
+                 "log_format": "log_format", "log_level": "log_level",
+                 "curve_secret_key": "curve_secret_key", "authorized_keys": "authorized_keys",
+                 "max_pending_per_client": "max_pending_per_client", "max_queued": "max_queued_total"}
+_POOL_FLAGS = ("devices", "tp", "replicas", "workers_per_device", "capacity", "retries", "step_budget",
+               "max_restarts")
+
+
+def build_config(args) -> ServerConfig:
+    """Config file first, then flags on top. Without a file, flags define one pool."""
+    cfg = load_toml(args.config) if args.config else ServerConfig()
+    for flag, attr in _SERVER_FLAGS.items():
+        if getattr(args, flag) is not None:
+            setattr(cfg, attr, getattr(args, flag))
+    cfg.insecure = cfg.insecure or args.insecure
+    cfg.kill_stale = cfg.kill_stale or args.kill_stale
+    if args.max_message_bytes:
+        import dataclasses
+
+        cfg.limits = dataclasses.replace(cfg.limits, max_message_bytes=args.max_message_bytes)
+    if not cfg.pools or args.handler:
+        cfg.pools = [flag_pool(args)] + [p for p in cfg.pools if p.name != (args.pool or args.handler)]
+    elif any(getattr(args, f) is not None for f in _POOL_FLAGS) and len(cfg.pools) == 1:
+        apply_pool_flags(cfg.pools[0], args)
+    return cfg
+
+
+def flag_pool(args) -> PoolConfig:
+    handler = args.handler or "embed"
+    config = json.loads(args.handler_config) if args.handler_config else {}
+    if args.model:
+        config["model"] = args.model
+    pool = PoolConfig(name=args.pool or handler, handler=handler, config=config)
+    apply_pool_flags(pool, args)
+    return pool
+
+
+def apply_pool_flags(pool: PoolConfig, args) -> None:
+    for flag in _POOL_FLAGS:
+        if getattr(args, flag) is not None:
+            setattr(pool, flag, getattr(args, flag))
+
+
+def cmd_serve(args) -> int:
+    from .coordinator import Coordinator
+    from .security import InsecureBind
+    from .stale import handle_stale
+
+    try:
+        cfg = build_config(args)
+    except (ValueError, OSError) as e:
+        print(f"orchestrator serve: bad config: {e}", file=sys.stderr)
+        return EXIT_USAGE
+    logs.setup(cfg.log_format, cfg.log_level)
+    coord = Coordinator(cfg)
+    try:
+        handle_stale(cfg)
+        endpoint = coord.start()
+    except (InsecureBind, ValueError) as e:
+        coord.shutdown()
+        print(f"orchestrator serve: {e}", file=sys.stderr)
+        return EXIT_USAGE
+    print(f"endpoint: {endpoint}", flush=True)
+    for pool in coord.pools.values():
+        print(f"pool {pool.name}: handler={pool.cfg.handler} tp={pool.cfg.tp} slots={pool.desired} "
+              f"devices={','.join(pool.device_set.ids)}", flush=True)
+    return coord.run()
+
+
+# ---------------------------------------------------------------------------- client commands
+
+
+def add_client_flags(p) -> None:
+    p.add_argument("--address", default=DEFAULT_ADDRESS, help=f"coordinator endpoint ({DEFAULT_ADDRESS})")
+    p.add_argument("--timeout", type=float, default=30.0, help="seconds to wait for an answer")
+    p.add_argument("--curve-server-key", help="the server's public key file (enables CURVE)")
+    p.add_argument("--curve-secret-key", help="this client's key pair file")
+
+
+def make_client(args):
+    from .client import Client
+
+    curve = None
+    if args.curve_server_key:
+        curve = {"server_public_key": args.curve_server_key, "secret_key": args.curve_secret_key}
+    return Client(args.address, curve=curve, timeout=args.timeout)
+
+
+def add_submit(sub) -> None:
+    p = sub.add_parser("submit", help="submit one job and print its result")
+    p.add_argument("pool")
+    p.add_argument("input", nargs="?", help="job input as JSON")
+    p.add_argument("--text", help="shorthand: input {\"prompt\": TEXT} (generate) / {\"texts\": [TEXT]} "
+                                  "(embed pools, with --texts)")
+    p.add_argument("--texts", action="store_true", help="with --text: send {\"texts\": [TEXT]}")
+    p.add_argument("--stream", action="store_true", help="print stream chunks as they arrive")
+    p.add_argument("--job-timeout", type=float, help="server-side job timeout in seconds")
+    add_client_flags(p)
+    p.set_defaults(func=cmd_submit)
+
+
+def job_input(args):
+    if args.text is not None:
+        return {"texts": [args.text]} if args.texts else {"prompt": args.text}
+    return json.loads(args.input) if args.input else None
+
+
+def cmd_submit(args) -> int:
+    from .client import RequestError
+
+    with make_client(args) as c:
+        job = c.submit(args.pool, job_input(args), stream=args.stream, timeout=args.job_timeout)
+        try:
+            if args.stream:
+                for chunk in job:
+                    print(json.dumps(chunk, default=_json_default), flush=True)
+            out = job.result(timeout=args.timeout)
+        except RequestError as e:
+            print(f"error [{e.code}]: {e.message}", file=sys.stderr)
+            return EXIT_FAILED
+        except TimeoutError as e:
+            print(f"error: {e}", file=sys.stderr)
+            return EXIT_NO_ANSWER
+    print(json.dumps(out, default=_json_default, indent=None))
+    return EXIT_OK
+
+
+def _json_default(obj):
+    if hasattr(obj, "dtype") and hasattr(obj, "shape"):
+        return {"dtype": obj.dtype, "shape": list(obj.shape), "bytes": len(obj.data)}
+    return repr(obj)
+
+
+def add_simple(sub, name: str, help: str, func, extra=None) -> None:
+    p = sub.add_parser(name, help=help)
+    if extra:
+        extra(p)
+    add_client_flags(p)
+    p.set_defaults(func=func)
+
+
+def _call(args, fn) -> int:
+    """Run a client call, mapping errors to exit codes."""
+    from .client import RequestError
+
+    try:
+        with make_client(args) as c:
+            return fn(c)
+    except RequestError as e:
+        print(f"error [{e.code}]: {e.message}", file=sys.stderr)
+        return EXIT_FAILED
+    except TimeoutError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return EXIT_NO_ANSWER
+
+
+def cmd_status(args) -> int:
+    from .table import render_status
+
+    def once(c) -> int:
+        st = c.status()
+        print(json.dumps(st, indent=2) if args.json else render_status(st), flush=True)
+        return EXIT_OK
+
+    if not args.watch:
+        return _call(args, once)
+    while True:  # --watch: redraw until Ctrl-C
+        print("\x1b[2J\x1b[H", end="")
+        code = _call(args, once)
+        if code:
+            return code
+        try:
+            time.sleep(args.watch)
+        except KeyboardInterrupt:
+            return EXIT_OK
+
+
+def cmd_health(args) -> int:
+    def once(c) -> int:
+        h = c.health()
+        print(json.dumps(h, indent=2))
+        return EXIT_OK if h["status"] == "ready" else EXIT_FAILED
+
+    return _call(args, once)
+
+
+def cmd_scale(args) -> int:
+    return _call(args, lambda c: print(json.dumps(c.scale(args.pool, args.replicas))) or EXIT_OK)
+
+
+def cmd_stop(args) -> int:
+    return _call(args, lambda c: print(json.dumps(c.stop(drain=not args.no_drain))) or EXIT_OK)
+
+
+def cmd_keygen(args) -> int:
+    from .security import keygen
+
+    for path in keygen(args.dir, tuple(args.names)):
+        print(path)
+    return EXIT_OK
+
+
+def cmd_demo(args) -> int:
+    from .demo import run_demo
+
+    return run_demo(args)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="orchestrator", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    sub = parser.add_subparsers(dest="command", required=True)
+    add_serve(sub)
+    add_submit(sub)
+
+    def status_flags(p):
+        p.add_argument("--json", action="store_true", help="raw JSON instead of a table")
+        p.add_argument("--watch", type=float, nargs="?", const=1.0, help="refresh every N s (default 1)")
+
+    add_simple(sub, "status", "show pools and workers", cmd_status, status_flags)
+    add_simple(sub, "health", "show readiness (exit 0 only when every pool is ready)", cmd_health)
+    add_simple(sub, "scale", "set a pool's replica count", cmd_scale,
+               lambda p: (p.add_argument("pool"), p.add_argument("replicas", type=int)))
+    add_simple(sub, "stop", "drain and stop the coordinator", cmd_stop,
+               lambda p: p.add_argument("--no-drain", action="store_true",
+                                        help="fail unfinished jobs instead of waiting for them"))
+    kg = sub.add_parser("keygen", help="write CURVE key pairs (NAME.key, NAME.key_secret)")
+    kg.add_argument("dir")
+    kg.add_argument("--names", nargs="+", default=["server", "client"])
+    kg.set_defaults(func=cmd_keygen)
+    demo = sub.add_parser("demo", help="run the end-to-end demo (embeddings + streamed generation)")
+    demo.add_argument("--devices", default="auto", help="auto (all GPUs, else 2 CPU workers), cpu:N, ids")
+    demo.add_argument("--sentences", type=int, default=300)
+    demo.add_argument("--prompts", type=int, default=8)
+    demo.set_defaults(func=cmd_demo)
+    return parser
+
+
+def main(argv: list | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return args.func(args)
+    except JobError as e:
+        print(f"error [{e.code}]: {e.message}", file=sys.stderr)
+        return EXIT_FAILED
+    except KeyboardInterrupt:
+        logging.getLogger("orchestrator").info("interrupted")
+        return EXIT_FAILED

@@ -1,0 +1,101 @@
+"""Server configuration: one dataclass tree, filled from a TOML file and/or CLI flags.
+
+Every knob lives here (no scattered environment variables). The TOML format is documented in README.md.
+"""
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+
+try:
+    import tomllib
+except ImportError:  # Python 3.10
+    import tomli as tomllib
+
+from protocol import Limits
+
+DEFAULT_ADDRESS = "tcp://127.0.0.1:5555"
+
+
+@dataclass
+class PoolConfig:
+    """What to launch for one pool: a handler + its config on a device set, as `replicas` slots of
+    `tp` ranks each (or `workers_per_device` slots per device)."""
+
+    name: str
+    handler: str = "echo"
+    config: dict = field(default_factory=dict)  # handler config (model, dtype, ...); never from a client
+    devices: str = "auto"
+    tp: int = 1
+    replicas: int | None = None  # None: one slot per device group the device spec allows
+    workers_per_device: int = 1
+    capacity: int | None = None  # credits per slot; None: the handler's own default
+    queue_size: int = 10_000  # bounded pool queue; a full queue answers `overloaded`
+    retries: int = 2  # per-job retry budget after worker deaths (a job may kill retries+1 workers)
+    step_budget: float | None = 300.0  # seconds a step may run before the worker is declared stuck
+    load_budget: float = 900.0  # seconds a worker may take to load before it is declared stuck
+    max_restarts: int = 10  # restart budget per slot; past it the slot is `failed`
+    restart_backoff: float = 0.05  # first restart delay, doubled per consecutive failure
+    restart_backoff_max: float = 5.0
+    cpu_threads: int | None = None  # torch threads per CPU worker; None: its share of the cores
+    env: dict = field(default_factory=dict)  # extra environment for this pool's workers
+
+
+@dataclass
+class ServerConfig:
+    address: str = DEFAULT_ADDRESS
+    pools: list = field(default_factory=list)
+    hb_interval: float = 0.5  # worker and coordinator heartbeat period
+    hb_timeout: float = 2.5  # a worker silent this long is dead (declared within hb_timeout + 0.5 s)
+    coord_timeout: float = 10.0  # a worker that hears no coordinator this long exits
+    drain_timeout: float = 60.0  # SIGTERM/stop: how long in-flight jobs get to finish
+    stop_timeout: float = 5.0  # per stage of a worker's staged stop (stop msg -> join -> kill -> join)
+    max_pending_per_client: int = 100_000  # jobs one client connection may have unfinished
+    max_queued_total: int = 1_000_000  # queued jobs across all pools
+    limits: Limits = field(default_factory=Limits)
+    metrics_port: int | None = None
+    metrics_host: str = "127.0.0.1"
+    log_format: str = "text"  # or "json"
+    log_level: str = "INFO"
+    run_dir: str | None = None  # parent of the private per-run directory; default: the temp dir
+    insecure: bool = False  # allow a non-loopback bind without CURVE (prints a loud warning)
+    curve_secret_key: str | None = None  # server secret key file (zmq.auth format)
+    authorized_keys: str | None = None  # directory of client public key files
+    kill_stale: bool = False
+
+
+def _build(cls, data: dict, where: str):
+    names = {f.name for f in dataclasses.fields(cls)}
+    unknown = set(data) - names
+    if unknown:
+        raise ValueError(f"{where}: unknown key(s) {sorted(unknown)}; allowed: {sorted(names)}")
+    return cls(**data)
+
+
+def load_toml(path: str) -> ServerConfig:
+    """Read a server config file: top-level [server] keys, [limits], and one [pools.NAME] table each."""
+    with open(path, "rb") as f:
+        data = tomllib.load(f)
+    unknown = set(data) - {"server", "limits", "pools"}
+    if unknown:
+        raise ValueError(f"{path}: unknown table(s) {sorted(unknown)}")
+    server = dict(data.get("server", {}))
+    server["limits"] = _build(Limits, data.get("limits", {}), f"{path} [limits]")
+    pools = [_build(PoolConfig, {"name": name, **body}, f"{path} [pools.{name}]")
+             for name, body in data.get("pools", {}).items()]
+    server["pools"] = pools
+    return _build(ServerConfig, server, f"{path} [server]")
+
+
+def validate(cfg: ServerConfig) -> None:
+    """Raise ValueError on a config that cannot run (checked before anything starts)."""
+    if not cfg.pools:
+        raise ValueError("no pools configured")
+    names = [p.name for p in cfg.pools]
+    if len(set(names)) != len(names):
+        raise ValueError(f"duplicate pool names: {names}")
+    for p in cfg.pools:
+        if not p.name or "/" in p.name:
+            raise ValueError(f"bad pool name {p.name!r}")
+        if p.tp < 1 or p.retries < 0 or p.queue_size < 1:
+            raise ValueError(f"pool {p.name}: tp >= 1, retries >= 0 and queue_size >= 1 are required")

@@ -1,0 +1,545 @@
+"""The coordinator: one event loop over the client socket, the worker socket, process fds and timers.
+
+It never imports torch and never blocks on a worker: every socket is read with NOBLOCK after a poll,
+and every wait (drain, restart backoff, staged stop, job timeout) is a timer checked by the loop.
+"""
+from __future__ import annotations
+
+import heapq
+import logging
+import os
+import shutil
+import signal
+import socket
+import tempfile
+import time
+from collections import defaultdict
+
+import zmq
+
+from protocol import Codec, ProtocolError, errors as E
+from protocol.messages import (
+    Cancel, Chunk, Error, Health, Ok, Ping, Result, Scale, Status, Stop, Submit, WChunk, WError,
+    WFatal, WGroupReport, WHeartbeat, WHello, WReady, WResult, WRun, WCancel,
+)
+from . import security, views
+from .config import ServerConfig, validate
+from .eventloop import EventLoop
+from .jobs import Job
+from .metrics import make_metrics
+from .placement import available_cores, split_cores
+from .pools import Pool
+from .states import (
+    COORDINATOR_TRANSITIONS, CoordinatorState as CS, JobState as JS, WorkerState as WS, move,
+)
+from .supervisor import Supervisor
+
+log = logging.getLogger("orchestrator.coordinator")
+
+RECV_BATCH = 256  # messages drained per socket per loop turn: fairness between clients and workers
+TICK = 0.05  # timer resolution (heartbeats, watchdogs, timeouts) in seconds
+
+
+class RateLimitedLog:
+    """Log bad client input at most `per_second` lines a second (a fuzzer must not flood the log)."""
+
+    def __init__(self, logger, per_second: int = 20):
+        self.logger, self.per_second = logger, per_second
+        self.window, self.count, self.suppressed = 0, 0, 0
+
+    def warning(self, fmt: str, *args) -> None:
+        now = int(time.monotonic())
+        if now != self.window:
+            if self.suppressed:
+                self.logger.warning("(%d similar messages suppressed)", self.suppressed)
+            self.window, self.count, self.suppressed = now, 0, 0
+        self.count += 1
+        if self.count <= self.per_second:
+            self.logger.warning(fmt, *args)
+        else:
+            self.suppressed += 1
+
+
+class Coordinator:
+    """Construct cheaply; `start()` binds and spawns; `run()` serves until stopped."""
+
+    def __init__(self, cfg: ServerConfig):
+        validate(cfg)
+        self.cfg = cfg
+        self.name = "coordinator"
+        self.state = CS.RUNNING
+        self.codec = Codec(cfg.limits)
+        self.pools: dict[str, Pool] = {}
+        self.jobs: dict[tuple, Job] = {}  # (route, client id) -> unfinished job
+        self.per_client: dict[tuple, int] = defaultdict(int)  # route -> unfinished jobs
+        self.timeouts: list = []  # heap of (deadline, jid, job)
+        self.next_jid = 1
+        self.queued_total = 0
+        self.endpoint: str | None = None
+        self.run_dir: str | None = None
+        self.started_at = time.monotonic()
+        self.drain_deadline: float | None = None
+        self.stop_reason: str | None = None
+        self.bad_log = RateLimitedLog(log)
+        self.metrics = make_metrics(cfg)
+        self.rejected = defaultdict(int)  # error code -> count of rejected requests
+        # Created by start(); None until then so shutdown() is safe after a failed start.
+        self.zctx = self.auth = self.csock = self.wsock = self.loop = self.sup = None
+        self.worker_endpoint: str | None = None
+
+    # ------------------------------------------------------------------ start
+
+    def start(self) -> str:
+        """Bind sockets, spawn every pool's workers. Returns the client endpoint actually bound."""
+        self.pools = {p.name: Pool(p) for p in self.cfg.pools}  # raises ValueError on bad placement
+        self.run_dir = tempfile.mkdtemp(prefix="orchestrator-", dir=self.cfg.run_dir)
+        os.chmod(self.run_dir, 0o700)  # only this user may reach the worker socket
+        self.zctx = zmq.Context()
+        self.auth = security.setup(self.zctx, self.cfg)
+        self.csock = self._bind_client()
+        self.wsock = self._bind_workers()
+        self.loop = EventLoop()
+        self.loop.add(self.csock, self._on_client)
+        self.loop.add(self.wsock, self._on_worker)
+        self.sup = Supervisor(self.cfg, self.worker_endpoint, self._send_worker, self.loop,
+                              self._on_slot_down, self._on_slot_change, self.metrics)
+        self._install_signals()
+        self._start_slots()
+        self.metrics.start(self)
+        return self.endpoint
+
+    def _bind_client(self) -> zmq.Socket:
+        sock = self.zctx.socket(zmq.ROUTER)
+        sock.setsockopt(zmq.LINGER, 0)
+        sock.setsockopt(zmq.SNDHWM, 100_000)
+        sock.setsockopt(zmq.RCVHWM, 100_000)
+        # libzmq drops (and disconnects) anything larger outright; below this the codec answers
+        # `too_large`, so the hard cap sits above the configured message limit.
+        sock.setsockopt(zmq.MAXMSGSIZE, self.cfg.limits.max_message_bytes * 2 + 1024)
+        security.apply_server(sock, self.cfg, self.auth)
+        sock.bind(self.cfg.address)
+        self.endpoint = sock.getsockopt_string(zmq.LAST_ENDPOINT)
+        return sock
+
+    def _bind_workers(self) -> zmq.Socket:
+        sock = self.zctx.socket(zmq.ROUTER)
+        sock.setsockopt(zmq.LINGER, 0)
+        sock.setsockopt(zmq.SNDHWM, 0)  # never drop a job or a stop message to a worker
+        sock.setsockopt(zmq.RCVHWM, 0)
+        self.worker_endpoint = f"ipc://{self.run_dir}/workers.sock"
+        sock.bind(self.worker_endpoint)
+        return sock
+
+    def _start_slots(self) -> None:
+        plan = [(pool, i) for pool in self.pools.values() for i in range(pool.desired)]
+        total_procs = sum(pool.cfg.tp for pool, _ in plan)
+        cores = split_cores(available_cores(), max(total_procs, 1))
+        k = 0
+        for pool, index in plan:
+            ranks = [cores[(k + r) % len(cores)] for r in range(pool.cfg.tp)]
+            k += pool.cfg.tp
+            self._start_new_slot(pool, index, ranks)
+
+    def _start_new_slot(self, pool: Pool, index: int, cores: list) -> None:
+        from .procs import Slot
+
+        slot = pool.slots.get(index)
+        if slot is None or slot.state == WS.STOPPED:
+            slot = Slot(pool.slot_spec(index, cores))
+            pool.slots[index] = slot
+        self.sup.start_slot(slot, pool.cfg)
+
+    def _install_signals(self) -> None:
+        """Signals only set flags; a socketpair wakes the poll so the loop acts on them at once."""
+        self._sig_r, sig_w = socket.socketpair()
+        self._sig_r.setblocking(False)
+        sig_w.setblocking(False)
+        self._sig_w = sig_w
+        signal.set_wakeup_fd(sig_w.fileno(), warn_on_full_buffer=False)
+        self._signals: list[int] = []
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            signal.signal(sig, lambda signum, _frame: self._signals.append(signum))
+        self.loop.add(self._sig_r.fileno(), self._on_signal_fd)
+
+    # ------------------------------------------------------------------ run
+
+    def run(self) -> int:
+        """Serve until stopped. Always ends in `shutdown()`."""
+        try:
+            next_tick = 0.0
+            while self.state != CS.STOPPED:
+                now = time.monotonic()
+                self.loop.poll(max(0.0, min(TICK, next_tick - now)))
+                now = time.monotonic()
+                if now >= next_tick:
+                    self._tick(now)
+                    next_tick = now + TICK
+        finally:
+            self.shutdown()
+        return 0
+
+    def _tick(self, now: float) -> None:
+        slots = [s for p in self.pools.values() for s in p.slots.values()]
+        self.sup.tick(slots, now)
+        self._expire_jobs(now)
+        if self.state == CS.DRAINING:
+            self._check_drained(now)
+        if self.state == CS.STOPPING and all(s.state == WS.STOPPED for s in slots):
+            move(self, CS.STOPPED, COORDINATOR_TRANSITIONS)
+        self.metrics.tick(self, now)
+
+    def shutdown(self) -> None:
+        """Kill anything still running, close sockets, remove the run directory. Idempotent."""
+        for pool in self.pools.values():
+            for slot in pool.slots.values():
+                for p in slot.procs:
+                    if p.alive:  # normally none: the staged stop reaped them
+                        p.kill(self.stop_reason or "coordinator shutdown")
+                        p.reap()
+        self.metrics.stop()
+        for sock in (self.csock, self.wsock):
+            if sock is not None:
+                sock.close(linger=0)
+        self.csock = self.wsock = None
+        if self.auth is not None:
+            self.auth.stop()
+            self.auth = None
+        if self.run_dir:
+            shutil.rmtree(self.run_dir, ignore_errors=True)
+            self.run_dir = None
+        log.info("stopped: %s", self.stop_reason or "done")
+
+    # ------------------------------------------------------------------ client socket
+
+    def _on_client(self) -> None:
+        for _ in range(RECV_BATCH):
+            try:
+                frames = self.csock.recv_multipart(zmq.NOBLOCK)
+            except zmq.Again:
+                return
+            self._client_frames(frames)
+
+    def _client_frames(self, frames: list) -> None:
+        # DEALER clients send one frame (ROUTER prepends their identity); REQ adds an empty delimiter.
+        route, body = tuple(frames[:-1]), frames[-1]
+        if len(frames) == 3 and frames[1] == b"":
+            pass
+        elif len(frames) != 2:
+            route = (frames[0],)
+            self._reject(route, None, E.BAD_REQUEST, f"expected one message frame, got {len(frames) - 1}")
+            return
+        try:
+            msg = self.codec.decode(body)
+        except ProtocolError as e:
+            self._reject(route, e.request_id, e.code, e.message)
+            return
+        self._ops[type(msg)](self, route, msg)
+
+    def _reject(self, route: tuple, rid, code: str, message: str) -> None:
+        self.rejected[code] += 1
+        self.bad_log.warning("rejected request from client %s: %s: %s", route[0].hex()[:8], code, message)
+        self._reply(route, Error(rid, code, message))
+
+    def _reply(self, route: tuple, msg) -> None:
+        self.csock.send_multipart([*route, self.codec.encode(msg)])
+
+    def _op_submit(self, route: tuple, msg: Submit) -> None:
+        err = self._admit(route, msg)
+        if err:
+            self._reject(route, msg.id, *err)
+            return
+        pool = self.pools[msg.pool]
+        deadline = time.monotonic() + msg.timeout if msg.timeout else None
+        retries = pool.cfg.retries if msg.retries is None else msg.retries
+        job = Job(self.next_jid, route, msg.id, msg.pool, msg.input, msg.stream, retries, deadline)
+        self.next_jid += 1
+        self.jobs[(route, msg.id)] = job
+        self.per_client[route] += 1
+        if deadline:
+            heapq.heappush(self.timeouts, (deadline, job.jid, job))
+        self._enqueue(pool, job)
+        self.metrics.job_accepted(pool.name)
+        self._dispatch(pool)
+
+    def _admit(self, route: tuple, msg: Submit) -> tuple | None:
+        """Why a submit cannot be accepted, as (code, message), or None."""
+        pool = self.pools.get(msg.pool)
+        if pool is None:
+            return E.UNKNOWN_POOL, f"no pool named {msg.pool!r}; pools: {sorted(self.pools)}"
+        if self.state != CS.RUNNING:
+            return E.SHUTTING_DOWN, "the coordinator is shutting down and accepts no new jobs"
+        if (route, msg.id) in self.jobs:
+            return E.BAD_REQUEST, f"job id {msg.id!r} is already in flight for this client"
+        if msg.timeout is not None and msg.timeout <= 0 or msg.retries is not None and msg.retries < 0:
+            return E.BAD_REQUEST, "timeout must be > 0 and retries >= 0"
+        if self.per_client[route] >= self.cfg.max_pending_per_client:
+            return E.OVERLOADED, f"this client already has {self.per_client[route]} unfinished jobs " \
+                                 f"(max_pending_per_client={self.cfg.max_pending_per_client})"
+        if len(pool.queue) >= pool.cfg.queue_size or self.queued_total >= self.cfg.max_queued_total:
+            return E.OVERLOADED, f"pool {pool.name} queue is full ({len(pool.queue)} queued)"
+        if not pool.can_ever_serve():
+            return E.UNAVAILABLE, f"pool {pool.name} has no live workers"
+        return None
+
+    def _op_cancel(self, route: tuple, msg: Cancel) -> None:
+        job = self.jobs.get((route, msg.job))
+        if job is None:
+            self._reject(route, msg.id, E.UNKNOWN_JOB, f"no unfinished job {msg.job!r} for this client")
+            return
+        self._reply(route, Ok(msg.id, {"job": msg.job, "state": job.state.value}))
+        self._abort(job, JS.CANCELLED, E.CANCELLED, "cancelled by client")
+
+    def _op_status(self, route: tuple, msg: Status) -> None:
+        self._reply(route, Ok(msg.id, views.status(self)))
+
+    def _op_health(self, route: tuple, msg: Health) -> None:
+        self._reply(route, Ok(msg.id, views.health(self)))
+
+    def _op_ping(self, route: tuple, msg: Ping) -> None:
+        self._reply(route, Ok(msg.id, {"pong": True, "state": self.state.value}))
+
+    def _op_scale(self, route: tuple, msg: Scale) -> None:
+        pool = self.pools.get(msg.pool)
+        if pool is None:
+            self._reject(route, msg.id, E.UNKNOWN_POOL, f"no pool named {msg.pool!r}")
+            return
+        try:
+            self.scale(pool, msg.replicas)
+        except ValueError as e:
+            self._reject(route, msg.id, E.SCALE_ERROR, str(e))
+            return
+        self._reply(route, Ok(msg.id, {"pool": pool.name, "replicas": pool.desired}))
+
+    def _op_stop(self, route: tuple, msg: Stop) -> None:
+        self._reply(route, Ok(msg.id, {"state": "stopping", "drain": msg.drain}))
+        self.request_stop(msg.reason, drain=msg.drain)
+
+    _ops = {Submit: _op_submit, Cancel: _op_cancel, Status: _op_status, Health: _op_health,
+            Ping: _op_ping, Scale: _op_scale, Stop: _op_stop}
+
+    # ------------------------------------------------------------------ jobs
+
+    def _enqueue(self, pool: Pool, job: Job, front: bool = False) -> None:
+        (pool.queue.appendleft if front else pool.queue.append)(job)
+        self.queued_total += 1
+
+    def _dispatch(self, pool: Pool) -> None:
+        queue = pool.queue
+        while queue:
+            slot = pool.pick_slot()
+            if slot is None:
+                return
+            job = queue.popleft()
+            self.queued_total -= 1
+            job.set_state(JS.RUNNING)
+            job.slot, job.incarnation = slot, slot.incarnation
+            job.started_at = time.monotonic()
+            slot.inflight[job.jid] = job
+            if slot.state == WS.READY:
+                slot.set_state(WS.BUSY)
+            self.wsock.send_multipart([slot.leader.data_id,
+                                       self.codec.encode(WRun(job.jid, job.input, job.stream))])
+
+    def _finish(self, job: Job, state: JS, reply) -> None:
+        """The one place a job ends: exactly one terminal reply, then forget it."""
+        job.set_state(state)
+        self.jobs.pop((job.client, job.cid), None)
+        self.per_client[job.client] -= 1
+        if self.per_client[job.client] <= 0:
+            del self.per_client[job.client]
+        self._reply(job.client, reply)
+        pool = self.pools[job.pool]
+        pool.record_done(state == JS.DONE)
+        self.metrics.job_finished(job, state, reply)
+
+    def _abort(self, job: Job, state: JS, code: str, message: str) -> None:
+        """End a job that has not finished (cancel, timeout, drain expiry)."""
+        if job.finished:
+            return
+        if job.state == JS.QUEUED:
+            self.pools[job.pool].queue.remove(job)
+            self.queued_total -= 1
+        elif job.state == JS.RUNNING and job.slot is not None:
+            # It stays in the slot's in-flight set (holding its credit) until the worker reports.
+            leader = job.slot.leader
+            if leader is not None and leader.ctl_id in self.sup.by_id:
+                self._send_worker(leader.ctl_id, WCancel(job.jid))
+        self._finish(job, state, Error(job.cid, code, message))
+
+    def _expire_jobs(self, now: float) -> None:
+        while self.timeouts and self.timeouts[0][0] <= now:
+            _, _, job = heapq.heappop(self.timeouts)
+            self._abort(job, JS.FAILED, E.TIMEOUT, "job timeout passed before it finished")
+
+    # ------------------------------------------------------------------ worker socket
+
+    def _send_worker(self, identity: bytes, msg) -> None:
+        self.wsock.send_multipart([identity, self.codec.encode(msg)])
+
+    def _on_worker(self) -> None:
+        now = time.monotonic()
+        for _ in range(RECV_BATCH):
+            try:
+                frames = self.wsock.recv_multipart(zmq.NOBLOCK)
+            except zmq.Again:
+                return
+            entry = self.sup.by_id.get(frames[0])
+            if entry is None:
+                continue  # a process already declared dead: its late messages are dropped
+            slot, proc = entry
+            proc.last_seen = now
+            msg = self.codec.decode(frames[-1])
+            handler = self._worker_ops.get(type(msg))
+            if handler is not None:
+                handler(self, slot, proc, msg)
+
+    def _w_result(self, slot, proc, msg: WResult) -> None:
+        job = self._settle_job(slot, msg.jid)
+        if job is not None:
+            slot.completed += 1
+            meta = {"worker": slot.name, "attempts": len(job.crashes) + 1, "run_ms": msg.run_ms}
+            self._finish(job, JS.DONE, Result(job.cid, msg.output, meta))
+
+    def _w_error(self, slot, proc, msg: WError) -> None:
+        job = self._settle_job(slot, msg.jid)
+        if job is not None:
+            slot.failed += 1
+            state = JS.CANCELLED if msg.code == E.CANCELLED else JS.FAILED
+            self._finish(job, state, Error(job.cid, msg.code, msg.message, msg.details))
+
+    def _w_chunk(self, slot, proc, msg: WChunk) -> None:
+        job = slot.inflight.get(msg.jid)
+        if job is None or job.finished:
+            return
+        if job.first_chunk_at is None:
+            job.first_chunk_at = time.monotonic()
+        self._reply(job.client, Chunk(job.cid, job.chunks_sent, msg.data))
+        job.chunks_sent += 1
+
+    def _settle_job(self, slot, jid: int) -> Job | None:
+        """Return the slot's credit for `jid`; the job if it still awaits its reply."""
+        job = slot.inflight.pop(jid, None)
+        self.sup.on_job_settled(slot)
+        self._dispatch(self.pools[slot.spec.pool])
+        if job is None or job.finished:
+            return None  # cancelled or timed out already: its one reply was sent
+        return job
+
+    def _w_hello(self, slot, proc, msg) -> None:
+        self.sup.on_hello(slot, proc)
+
+    def _w_ready(self, slot, proc, msg) -> None:
+        self.sup.on_ready(slot, proc, msg)
+
+    def _w_heartbeat(self, slot, proc, msg) -> None:
+        self.sup.on_heartbeat(proc, msg)
+
+    def _w_fatal(self, slot, proc, msg) -> None:
+        self.sup.on_fatal(slot, proc, msg)
+
+    def _w_group(self, slot, proc, msg) -> None:
+        self.sup.on_group_report(slot, msg)
+
+    _worker_ops = {WResult: _w_result, WError: _w_error, WChunk: _w_chunk, WHello: _w_hello,
+                   WReady: _w_ready, WHeartbeat: _w_heartbeat, WFatal: _w_fatal,
+                   WGroupReport: _w_group}
+
+    # ------------------------------------------------------------------ supervision callbacks
+
+    def _on_slot_down(self, slot, reason: str, code: str | None) -> None:
+        """Requeue (or fail) the jobs a dead slot held, oldest first at the front of the queue."""
+        pool = self.pools[slot.spec.pool]
+        jobs = sorted((j for j in slot.inflight.values() if not j.finished), key=lambda j: j.jid)
+        slot.inflight.clear()
+        for job in reversed(jobs):
+            self._requeue_or_fail(pool, slot, job, reason, code)
+        self._dispatch(pool)
+        self._fail_if_unservable(pool)
+
+    def _requeue_or_fail(self, pool: Pool, slot, job: Job, reason: str, code: str | None) -> None:
+        job.crashes.append(reason)
+        job.slot = None
+        if self.state == CS.STOPPING:
+            self._finish(job, JS.FAILED, Error(job.cid, E.SHUTTING_DOWN, "coordinator stopped"))
+        elif len(job.crashes) > job.retries:
+            fail_code = E.COLLECTIVE_MISMATCH if code == E.COLLECTIVE_MISMATCH else E.WORKER_CRASHED
+            self._finish(job, JS.FAILED, Error(
+                job.cid, fail_code, f"job failed on {len(job.crashes)} worker(s) (retries="
+                f"{job.retries}): " + "; ".join(job.crashes), {"reasons": job.crashes}))
+        elif job.chunks_sent and not slot.replay_safe:
+            self._finish(job, JS.FAILED, Error(
+                job.cid, E.WORKER_CRASHED, f"worker died after streaming {job.chunks_sent} chunk(s) "
+                f"({reason}); the handler is not replay-safe, so the job was not replayed"))
+        else:
+            job.set_state(JS.QUEUED)
+            self._enqueue(pool, job, front=True)
+
+    def _on_slot_change(self, slot) -> None:
+        pool = self.pools[slot.spec.pool]
+        self._dispatch(pool)
+        self._fail_if_unservable(pool)
+
+    def _fail_if_unservable(self, pool: Pool) -> None:
+        if pool.queue and not pool.can_ever_serve():
+            for job in list(pool.queue):
+                self._abort(job, JS.FAILED, E.UNAVAILABLE, f"pool {pool.name} has no live workers")
+
+    # ------------------------------------------------------------------ scale
+
+    def scale(self, pool: Pool, replicas: int) -> None:
+        """Set the desired replica count and reconcile at once. Raises ValueError, changing nothing,
+        when the pool's free devices cannot hold it."""
+        start, drain = pool.plan_scale(replicas)
+        pool.desired = replicas
+        cores = split_cores(available_cores(), max(len(pool.groups) * pool.cfg.tp, 1))
+        for index in start:
+            ranks = [cores[(index * pool.cfg.tp + r) % len(cores)] for r in range(pool.cfg.tp)]
+            self._start_new_slot(pool, index, ranks)
+        for slot in drain:
+            self.sup.drain_slot(slot, f"scale {pool.name} to {replicas}")
+        log.info("pool %s: scale to %d (start %s, drain %s)", pool.name, replicas, start,
+                 [s.name for s in drain])
+
+    # ------------------------------------------------------------------ stop
+
+    def _on_signal_fd(self) -> None:
+        try:
+            self._sig_r.recv(512)
+        except BlockingIOError:
+            pass
+        while self._signals:
+            signum = self._signals.pop(0)
+            name = signal.Signals(signum).name
+            if self.state == CS.RUNNING:
+                self.request_stop(f"received {name}", drain=True)
+            elif self.state == CS.DRAINING and signum == signal.SIGINT:
+                self.request_stop(f"received {name} again", drain=False)
+
+    def request_stop(self, reason: str, drain: bool = True) -> None:
+        """Stop accepting jobs; with drain, let accepted ones finish (up to drain_timeout) first."""
+        if self.state in (CS.STOPPING, CS.STOPPED):
+            return
+        self.stop_reason = reason
+        if drain and self.state == CS.RUNNING:
+            log.info("draining (%s): %d unfinished job(s), up to %.0f s", reason, len(self.jobs),
+                     self.cfg.drain_timeout)
+            move(self, CS.DRAINING, COORDINATOR_TRANSITIONS)
+            self.drain_deadline = time.monotonic() + self.cfg.drain_timeout
+            return
+        self._stop_workers(reason)
+
+    def _check_drained(self, now: float) -> None:
+        if self.jobs and now < self.drain_deadline:
+            return
+        if self.jobs:
+            log.warning("drain timeout: failing %d unfinished job(s)", len(self.jobs))
+        self._stop_workers(self.stop_reason or "stop")
+
+    def _stop_workers(self, reason: str) -> None:
+        for job in list(self.jobs.values()):
+            self._abort(job, JS.FAILED, E.SHUTTING_DOWN, f"coordinator stopping: {reason}")
+        move(self, CS.STOPPING, COORDINATOR_TRANSITIONS)
+        self.sup.stopping = True
+        for pool in self.pools.values():
+            for slot in pool.slots.values():
+                self.sup.stop_slot(slot, reason)

@@ -1,0 +1,26 @@
+"""Metrics hooks called by the coordinator's event loop. `NullMetrics` when no --metrics-port is set."""
+from __future__ import annotations
+
+
+class NullMetrics:
+    """Every hook is a no-op; the coordinator calls them unconditionally."""
+
+    def start(self, coordinator) -> None: ...
+
+    def stop(self) -> None: ...
+
+    def tick(self, coordinator, now: float) -> None: ...
+
+    def job_accepted(self, pool: str) -> None: ...
+
+    def job_finished(self, job, state, reply) -> None: ...
+
+    def worker_restart(self, pool: str, slot: str) -> None: ...
+
+
+def make_metrics(cfg):
+    if cfg.metrics_port is None:
+        return NullMetrics()
+    from .prometheus import PrometheusMetrics  # imported only when enabled
+
+    return PrometheusMetrics(cfg.metrics_host, cfg.metrics_port)

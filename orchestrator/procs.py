@@ -1,0 +1,211 @@
+"""Worker processes: a `SlotSpec` says what to launch; a `Slot` handle is what is running.
+
+"A Slot is to a SlotSpec as an object is to a class." A slot is the unit of dispatch, readiness,
+failure and restart: one process for tp=1, or a TP group of `tp` rank processes.
+"""
+from __future__ import annotations
+
+import json
+import logging
+import os
+import signal
+import subprocess
+import sys
+import time
+from dataclasses import dataclass, field
+
+from .placement import cuda_visible
+from .states import WORKER_TRANSITIONS, WorkerState, move
+
+log = logging.getLogger("orchestrator.procs")
+
+# Where the `worker` package lives, so workers import it even from an uninstalled checkout.
+_SOURCE_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+# NVLink multicast can take shared GPUs out of service; keep it off in every child we start.
+_SAFE_ENV = {"NCCL_NVLS_ENABLE": "0", "TORCH_SYMM_MEM_DISABLE_MULTICAST": "1", "NVSHMEM_DISABLE_NVLS": "1"}
+
+
+@dataclass(frozen=True)
+class SlotSpec:
+    """What to launch for one slot: pool, index, devices and the ranks' CPU cores."""
+
+    pool: str
+    index: int
+    devices: tuple
+    handler: str
+    config: dict
+    tp: int = 1
+    cores: tuple = ()  # one tuple of cores per rank
+    capacity: int | None = None
+    cpu_threads: int | None = None
+    env: dict = field(default_factory=dict)
+
+    @property
+    def wid(self) -> str:
+        return f"{self.pool}/{self.index}"
+
+
+class Proc:
+    """One live worker process (one rank of a slot)."""
+
+    def __init__(self, rank: int, wid: str, incarnation: int, popen: subprocess.Popen):
+        self.rank = rank
+        self.wid = wid
+        # ROUTER identities of its two sockets (set by the worker from the same wid and incarnation).
+        self.ctl_id = f"c:{wid}:{incarnation}".encode()
+        self.data_id = f"d:{wid}:{incarnation}".encode()
+        self.popen = popen
+        self.pid = popen.pid
+        self.pidfd = _pidfd(popen.pid)
+        self.last_seen = time.monotonic()
+        self.hello = False
+        self.ready = False
+        self.step_age: float | None = None  # as of step_age_at
+        self.step_age_at = 0.0
+        self.stats: dict | None = None
+        self.exit_reason: str | None = None
+        self.returncode: int | None = None
+        self.log_tail: list[str] = []  # last output lines, quoted when the process dies
+        self.partial: dict = {}  # stream -> unfinished last line
+
+    def current_step_age(self, now: float) -> float | None:
+        if self.step_age is None:
+            return None
+        return self.step_age + (now - self.step_age_at)
+
+    @property
+    def alive(self) -> bool:
+        return self.returncode is None
+
+    def kill(self, reason: str) -> None:
+        """SIGKILL (idempotent). The first reason given is the one reported."""
+        if self.exit_reason is None:
+            self.exit_reason = reason
+        if self.alive:
+            log.info("killing pid %s: %s", self.pid, reason)
+            try:
+                os.kill(self.pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+
+    def reap(self) -> int:
+        """Collect the exit status once the process is gone (its pidfd was readable)."""
+        if self.returncode is None:
+            self.returncode = self.popen.wait()
+            if self.pidfd is not None:
+                os.close(self.pidfd)
+        return self.returncode
+
+
+class Slot:
+    """A running slot: its processes, state, credits and in-flight jobs. Owned by the event loop."""
+
+    def __init__(self, spec: SlotSpec):
+        self.spec = spec
+        self.name = spec.wid
+        self.state = WorkerState.STOPPED
+        self.incarnation = 0
+        self.procs: list[Proc] = []
+        self.capacity = 0
+        self.replay_safe = True
+        self.inflight: dict = {}  # jid -> Job, including jobs already finalised (awaiting the worker)
+        self.restarts = 0
+        self.consecutive_failures = 0
+        self.last_exit_reason: str | None = None
+        self.restart_at = 0.0
+        self.ready_at: float | None = None
+        self.state_since = time.monotonic()
+        self.completed = 0
+        self.failed = 0
+        self.info: dict = {}
+        self.stop_reason: str | None = None  # set when we stop it on purpose
+        self.stop_deadline: float | None = None
+
+    def set_state(self, new: WorkerState) -> None:
+        if new != self.state:
+            move(self, new, WORKER_TRANSITIONS)
+            self.state_since = time.monotonic()
+
+    @property
+    def credits(self) -> int:
+        return self.capacity - len(self.inflight)
+
+    @property
+    def leader(self) -> Proc | None:
+        return self.procs[0] if self.procs else None
+
+
+
+def _pidfd(pid: int) -> int | None:
+    """A pidfd becomes readable the instant the process exits: detection with no polling delay."""
+    try:
+        return os.pidfd_open(pid)
+    except (AttributeError, OSError):
+        return None
+
+
+def worker_spec(spec: SlotSpec, rank: int, incarnation: int, endpoint: str, cfg) -> dict:
+    """The JSON a worker process starts from (argv; data only, never code)."""
+    return {
+        "wid": spec.wid if rank == 0 else f"{spec.wid}#{rank}",
+        "slot": spec.wid,
+        "pool": spec.pool,
+        "handler": spec.handler,
+        "config": spec.config,
+        "devices": list(spec.devices),
+        "rank": rank,
+        "world_size": spec.tp,
+        "incarnation": incarnation,
+        "endpoint": endpoint,
+        "parent_pid": os.getpid(),
+        "cores": list(spec.cores[rank]) if spec.cores else None,
+        "capacity": spec.capacity,
+        "hb_interval": cfg.hb_interval,
+        "coord_timeout": cfg.coord_timeout,
+        "log_level": cfg.log_level,
+    }
+
+
+def worker_env(spec: SlotSpec, rank: int) -> dict:
+    env = dict(os.environ)
+    env.update(_SAFE_ENV)
+    # Set before the worker starts, so CUDA inside it only ever sees this slot's devices.
+    env["CUDA_VISIBLE_DEVICES"] = cuda_visible(spec.devices)
+    env["CUDA_DEVICE_ORDER"] = "PCI_BUS_ID"  # CUDA and NVML then number GPUs the same way
+    threads = spec.cpu_threads or (len(spec.cores[rank]) if spec.cores else None)
+    if threads:
+        env["OMP_NUM_THREADS"] = str(threads)
+    env["PYTHONPATH"] = os.pathsep.join(filter(None, [_SOURCE_ROOT, env.get("PYTHONPATH")]))
+    env["PYTHONUNBUFFERED"] = "1"
+    env.update({k: str(v) for k, v in spec.env.items()})
+    return env
+
+
+def spawn(spec: SlotSpec, rank: int, incarnation: int, endpoint: str, cfg) -> Proc:
+    """Start one rank of a slot. Its stdout/stderr are pipes the event loop reads and prefixes."""
+    ws = worker_spec(spec, rank, incarnation, endpoint, cfg)
+    popen = subprocess.Popen(
+        [sys.executable, "-m", "worker", "--spec", json.dumps(ws)],
+        env=worker_env(spec, rank), stdin=subprocess.DEVNULL,
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, close_fds=True,
+    )
+    for pipe in (popen.stdout, popen.stderr):
+        os.set_blocking(pipe.fileno(), False)
+    return Proc(rank, ws["wid"], incarnation, popen)
+
+
+def exit_words(returncode: int | None) -> str:
+    """Turn an exit status into words for status and logs.
+
+    >>> exit_words(-9), exit_words(1), exit_words(0)
+    ('killed by signal 9 (SIGKILL)', 'exit code 1', 'exited normally')
+    """
+    if returncode is None:
+        return "still running"
+    if returncode < 0:
+        try:
+            name = signal.Signals(-returncode).name
+        except ValueError:
+            name = "?"
+        return f"killed by signal {-returncode} ({name})"
+    return "exited normally" if returncode == 0 else f"exit code {returncode}"

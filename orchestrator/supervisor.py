@@ -1,0 +1,294 @@
+"""Slot lifecycle: spawn, readiness, liveness (exit, heartbeat, progress), restart, staged stop.
+
+The supervisor decides and acts on processes; it tells the coordinator about jobs through two
+callbacks: `on_down(slot, reason)` (requeue its in-flight jobs) and `on_change(slot)` (credits or
+readiness changed: dispatch again).
+
+Liveness is checked three ways:
+- process exit: a pidfd per process, polled by the event loop, fires the instant it exits;
+- heartbeats: any message from a process refreshes `last_seen`; silence for `hb_timeout` kills it;
+- progress: heartbeats carry the current step's age; past the pool's budget the slot is `stuck`.
+"""
+from __future__ import annotations
+
+import logging
+import os
+import time
+from typing import Callable
+
+from protocol.messages import WGroupInfo, WPing, WStop
+from .procs import Proc, Slot, exit_words, spawn
+from .states import LIVE, SERVING, WorkerState as S
+
+log = logging.getLogger("orchestrator.supervisor")
+
+HEALTHY_RESET = 30.0  # a slot ready this long has its consecutive-failure count (and backoff) reset
+
+
+class Supervisor:
+    def __init__(self, cfg, endpoint: str, send: Callable, loop, on_down: Callable,
+                 on_change: Callable, metrics):
+        self.cfg = cfg
+        self.endpoint = endpoint
+        self.send = send  # send(identity, message) on the worker ROUTER
+        self.loop = loop  # fd registry of the event loop (add/remove)
+        self.on_down = on_down
+        self.on_change = on_change
+        self.metrics = metrics
+        self.by_id: dict[bytes, tuple[Slot, Proc]] = {}
+        self.pool_cfgs: dict = {}
+        self.stopping = False
+        self._next_ping = 0.0
+
+    # ------------------------------------------------------------------ start
+
+    def start_slot(self, slot: Slot, pool_cfg) -> None:
+        """Spawn every rank of the slot as a new incarnation."""
+        self.pool_cfgs[slot.spec.pool] = pool_cfg
+        slot.incarnation += 1
+        slot.procs = []
+        slot.capacity = 0
+        slot.stop_reason = None
+        slot.stop_deadline = None
+        slot.set_state(S.STARTING)
+        for rank in range(slot.spec.tp):
+            proc = spawn(slot.spec, rank, slot.incarnation, self.endpoint, self.cfg)
+            slot.procs.append(proc)
+            self._watch(slot, proc)
+        log.info("%s: started incarnation %d pid(s) %s devices %s", slot.name, slot.incarnation,
+                 [p.pid for p in slot.procs], ",".join(slot.spec.devices))
+
+    def _watch(self, slot: Slot, proc: Proc) -> None:
+        self.by_id[proc.ctl_id] = (slot, proc)
+        self.by_id[proc.data_id] = (slot, proc)
+        if proc.pidfd is not None:
+            self.loop.add(proc.pidfd, lambda: self._on_exit(slot, proc))
+        for stream in ("stdout", "stderr"):
+            pipe = getattr(proc.popen, stream)
+            self.loop.add(pipe.fileno(), lambda p=pipe, s=stream: self._on_output(slot, proc, p, s))
+
+    def _forget(self, proc: Proc) -> None:
+        """Drop the process's identities: anything it still sends is from a dead incarnation."""
+        self.by_id.pop(proc.ctl_id, None)
+        self.by_id.pop(proc.data_id, None)
+
+    # ------------------------------------------------------------------ messages from workers
+
+    def on_hello(self, slot: Slot, proc: Proc) -> None:
+        proc.hello = True
+        if slot.state == S.STARTING and all(p.hello for p in slot.procs):
+            slot.set_state(S.LOADING)
+            log.info("%s: loading", slot.name)
+
+    def on_ready(self, slot: Slot, proc: Proc, msg) -> None:
+        proc.ready = True
+        if proc.rank == 0:
+            slot.capacity, slot.replay_safe, slot.info = msg.capacity, msg.replay_safe, msg.info or {}
+        if slot.state in (S.STARTING, S.LOADING) and all(p.ready for p in slot.procs):
+            slot.set_state(S.READY)  # a TP group is ready only when every rank is
+            slot.ready_at = time.monotonic()
+            log.info("%s: ready (capacity %d)", slot.name, slot.capacity)
+            self.on_change(slot)
+
+    def on_heartbeat(self, proc: Proc, msg) -> None:
+        proc.step_age, proc.step_age_at = msg.step_age, time.monotonic()
+        if msg.stats:
+            proc.stats = msg.stats
+
+    def on_fatal(self, slot: Slot, proc: Proc, msg) -> None:
+        log.error("%s: fatal %s: %s", proc.wid, msg.code, msg.message)
+        self.fail(slot, f"{msg.code}: {msg.message.strip().splitlines()[-1] if msg.message else ''}",
+                  code=msg.code)
+
+    def on_group_report(self, slot: Slot, msg) -> None:
+        """Relay rank 0's rendezvous info to the other ranks (no free-port race: rank 0 bound port 0)."""
+        for p in slot.procs[1:]:
+            self.send(p.ctl_id, WGroupInfo(msg.info))
+
+    def on_job_settled(self, slot: Slot) -> None:
+        """A job left the slot: update BUSY/READY and finish a drain."""
+        if slot.state == S.BUSY and not slot.inflight:
+            slot.set_state(S.READY)
+        elif slot.state == S.DRAINING and not slot.inflight and slot.stop_deadline is None:
+            self._send_stop(slot, slot.stop_reason or "drained")
+
+    # ------------------------------------------------------------------ failure
+
+    def fail(self, slot: Slot, reason: str, code: str | None = None, stuck: bool = False) -> None:
+        """Declare a slot down: kill every rank, requeue its jobs, then restart it (after reaping)."""
+        if slot.state not in LIVE:
+            return
+        if slot.stop_reason:  # an intended stop that went wrong: requeue its jobs, but no restart
+            self._kill_all(slot, reason)
+            self.on_down(slot, reason, code)
+            return
+        if stuck:
+            slot.set_state(S.STUCK)
+        slot.set_state(S.DEAD)
+        slot.last_exit_reason = reason
+        log.warning("%s: down: %s", slot.name, reason)
+        self._kill_all(slot, reason)
+        self.on_down(slot, reason, code)
+        self.metrics.worker_restart(slot.spec.pool, slot.name)
+
+    def _kill_all(self, slot: Slot, reason: str) -> None:
+        for p in slot.procs:
+            self._forget(p)
+            p.kill(reason)
+
+    def _on_exit(self, slot: Slot, proc: Proc) -> None:
+        if proc.pidfd is not None:
+            self.loop.remove(proc.pidfd)
+        proc.reap()
+        reason = proc.exit_reason or exit_words(proc.returncode)
+        if proc.exit_reason is None:
+            proc.exit_reason = reason
+        tail = " | ".join(proc.log_tail[-3:])
+        log.log(logging.INFO if slot.stop_reason else logging.WARNING, "%s pid %d exited: %s%s",
+                proc.wid, proc.pid, exit_words(proc.returncode), f" (last output: {tail})" if tail else "")
+        if slot.state in LIVE and not (slot.stop_reason and proc.returncode == 0):
+            self.fail(slot, reason)
+        self._settle(slot)
+
+    def _settle(self, slot: Slot) -> None:
+        """Once every rank is reaped: stopped, failed for good, or scheduled to restart."""
+        if any(p.alive for p in slot.procs):
+            return
+        for p in slot.procs:
+            self._forget(p)
+        if slot.stop_reason or self.stopping:
+            if slot.state in (S.DRAINING, S.READY, S.BUSY, S.STARTING, S.LOADING):
+                self.on_down(slot, slot.stop_reason or "stopping", None)  # nothing may stay in flight
+            if slot.state != S.STOPPED:
+                slot.set_state(S.STOPPED)
+                log.info("%s: stopped: %s", slot.name, slot.stop_reason or "coordinator stopping")
+            self.on_change(slot)
+            return
+        if slot.state == S.DEAD:
+            self._schedule_restart(slot)
+
+    def _schedule_restart(self, slot: Slot) -> None:
+        now = time.monotonic()
+        cfg = self.pool_cfgs[slot.spec.pool]
+        if slot.ready_at is not None and now - slot.ready_at > HEALTHY_RESET:
+            slot.consecutive_failures = 0
+        slot.consecutive_failures += 1
+        if slot.consecutive_failures > cfg.max_restarts:
+            slot.set_state(S.FAILED)
+            log.error("%s: failed: restart budget (%d) spent; last exit: %s", slot.name,
+                      cfg.max_restarts, slot.last_exit_reason)
+            self.on_change(slot)
+            return
+        delay = min(cfg.restart_backoff * 2 ** (slot.consecutive_failures - 1), cfg.restart_backoff_max)
+        slot.restart_at = now + delay
+        slot.set_state(S.RESTARTING)
+        log.info("%s: restarting in %.2f s (attempt %d)", slot.name, delay, slot.consecutive_failures)
+
+    # ------------------------------------------------------------------ output capture
+
+    def _on_output(self, slot: Slot, proc: Proc, pipe, stream: str) -> None:
+        fd = pipe.fileno()
+        try:
+            data = os.read(fd, 65536)
+        except BlockingIOError:
+            return
+        except OSError:
+            data = b""
+        if not data:  # EOF: the process closed it (exiting)
+            self.loop.remove(fd)
+            pipe.close()
+            return
+        # Keep a partial last line for the next read, so a traceback's lines are never split.
+        text = proc.partial.pop(stream, "") + data.decode("utf-8", "replace")
+        lines = text.split("\n")
+        if lines[-1]:
+            proc.partial[stream] = lines[-1]
+        wlog = logging.getLogger("worker")
+        for line in lines[:-1]:
+            if line.strip():
+                proc.log_tail = (proc.log_tail + [line])[-20:]
+                wlog.info("%s", line, extra={"wid": proc.wid, "pool": slot.spec.pool, "stream": stream})
+
+    # ------------------------------------------------------------------ timers
+
+    def tick(self, slots: list[Slot], now: float) -> None:
+        if now >= self._next_ping:
+            self._next_ping = now + self.cfg.hb_interval
+            for slot in slots:
+                for p in slot.procs:
+                    if p.alive and p.ctl_id in self.by_id:
+                        self.send(p.ctl_id, WPing(time.time()))
+        for slot in slots:
+            self._check_slot(slot, now)
+
+    def _check_slot(self, slot: Slot, now: float) -> None:
+        if slot.state in LIVE:
+            self._check_liveness(slot, now)
+            self._check_progress(slot, now)
+        if slot.stop_deadline is not None and now >= slot.stop_deadline:
+            self._escalate_stop(slot, now)
+        if slot.state == S.RESTARTING and now >= slot.restart_at and not self.stopping:
+            self.start_slot(slot, self.pool_cfgs[slot.spec.pool])
+        for p in slot.procs:
+            if p.pidfd is None and p.alive and p.popen.poll() is not None:
+                self._on_exit(slot, p)  # no pidfd on this kernel: fall back to polling
+
+    def _check_liveness(self, slot: Slot, now: float) -> None:
+        for p in slot.procs:
+            silent = now - p.last_seen
+            if p.alive and silent > self.cfg.hb_timeout:
+                self.fail(slot, f"heartbeat lost after {self.cfg.hb_timeout:.1f} s")
+                return
+
+    def _check_progress(self, slot: Slot, now: float) -> None:
+        cfg = self.pool_cfgs[slot.spec.pool]
+        budget = cfg.load_budget if slot.state in (S.STARTING, S.LOADING) else cfg.step_budget
+        if budget is None:
+            return
+        for p in slot.procs:
+            age = p.current_step_age(now)
+            if age is not None and age > budget:
+                self.fail(slot, f"step exceeded {budget:g} s", stuck=True)
+                return
+
+    # ------------------------------------------------------------------ staged stop
+
+    def drain_slot(self, slot: Slot, reason: str) -> None:
+        """Scale-down: no new jobs; in-flight ones finish; then the staged stop."""
+        slot.stop_reason = reason
+        if slot.state in SERVING:
+            slot.set_state(S.DRAINING)
+            log.info("%s: draining: %s", slot.name, reason)
+            self.on_job_settled(slot)
+        else:
+            self.stop_slot(slot, reason)
+
+    def stop_slot(self, slot: Slot, reason: str) -> None:
+        """Staged stop. Budget: `stop_timeout` for the stop message to end the process, then SIGKILL
+        and another `stop_timeout` to reap it (so at most 2 x stop_timeout)."""
+        slot.stop_reason = slot.stop_reason or reason
+        if slot.state in (S.DEAD, S.RESTARTING, S.FAILED):
+            if not any(p.alive for p in slot.procs):
+                slot.set_state(S.STOPPED)
+                self.on_change(slot)
+            return
+        if slot.state in SERVING:
+            slot.set_state(S.DRAINING)
+        self._send_stop(slot, reason)
+
+    def _send_stop(self, slot: Slot, reason: str) -> None:
+        log.info("%s: stopping: %s", slot.name, reason)
+        for p in slot.procs:
+            if p.alive:
+                self.send(p.ctl_id, WStop(reason))
+        slot.stop_deadline = time.monotonic() + self.cfg.stop_timeout
+        self._settle(slot)
+
+    def _escalate_stop(self, slot: Slot, now: float) -> None:
+        alive = [p for p in slot.procs if p.alive]
+        if not alive:
+            slot.stop_deadline = None
+            return
+        for p in alive:
+            p.kill(f"{slot.stop_reason}: did not exit within {self.cfg.stop_timeout:g} s of stop")
+        slot.stop_deadline = now + self.cfg.stop_timeout  # join again after the kill

@@ -1,0 +1,135 @@
+"""The one codec: msgpack maps <-> typed messages, with size limits and binary arrays.
+
+No pickle, no eval: msgpack can only produce nil/bool/int/float/str/bin/array/map, and `decode` builds a
+message only through the `MESSAGES` registry.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+import msgpack
+
+from .errors import BadField, MalformedMessage, MessageTooLarge, UnknownOp, UnsupportedVersion
+from .messages import MESSAGES, PROTOCOL_VERSION, Message
+
+NDARRAY_KEY = "__ndarray__"
+
+
+@dataclass(frozen=True)
+class Limits:
+    """Caps applied while decoding. Each is configurable from the server config (README, "Limits")."""
+
+    max_message_bytes: int = 64 * 1024 * 1024
+    max_str_len: int = 16 * 1024 * 1024  # one string
+    max_bin_len: int = 64 * 1024 * 1024  # one binary blob (an array's data)
+    max_array_len: int = 1_000_000  # items in one list
+    max_map_len: int = 100_000  # keys in one map
+
+
+@dataclass(frozen=True, slots=True)
+class NDArray:
+    """A dense array on the wire: raw little-endian bytes plus dtype and shape (never a list of floats).
+
+    dtype uses numpy names ("float32", "int64", "bfloat16" travels as "uint16" bits plus a note).
+    """
+
+    dtype: str
+    shape: tuple
+    data: bytes
+
+    def to_numpy(self):
+        import numpy as np
+
+        return np.frombuffer(self.data, dtype=np.dtype(self.dtype)).reshape(self.shape)
+
+    @classmethod
+    def from_numpy(cls, array) -> "NDArray":
+        import numpy as np
+
+        a = np.ascontiguousarray(array)
+        if a.dtype.byteorder == ">":
+            a = a.astype(a.dtype.newbyteorder("<"))
+        return cls(a.dtype.name, tuple(a.shape), a.tobytes())
+
+    def to_wire(self) -> dict:
+        return {NDARRAY_KEY: True, "dtype": self.dtype, "shape": list(self.shape), "data": self.data}
+
+
+def _default(obj: Any) -> Any:
+    """msgpack hook for types it does not know: arrays become NDArray maps, tuples lists."""
+    if isinstance(obj, NDArray):
+        return obj.to_wire()
+    if hasattr(obj, "__array_interface__") and hasattr(obj, "dtype"):
+        return NDArray.from_numpy(obj).to_wire()
+    if isinstance(obj, (set, frozenset)):
+        return list(obj)
+    raise TypeError(f"cannot encode {type(obj).__name__} on the wire")
+
+
+def _array_hook(d: dict) -> Any:
+    if d.get(NDARRAY_KEY) is True and len(d) == 4:
+        dtype, shape, data = d.get("dtype"), d.get("shape"), d.get("data")
+        if isinstance(dtype, str) and isinstance(shape, list) and isinstance(data, bytes):
+            return NDArray(dtype, tuple(shape), data)
+    return d
+
+
+class Codec:
+    """Encode/decode wire messages. `arrays=True` turns NDArray maps into `NDArray` objects on decode;
+    the coordinator leaves it off because it forwards payloads without looking inside them."""
+
+    def __init__(self, limits: Limits | None = None, arrays: bool = False):
+        self.limits = limits or Limits()
+        self.arrays = arrays
+        lim = self.limits
+        self._unpack_kw = dict(
+            raw=False,
+            max_str_len=lim.max_str_len,
+            max_bin_len=lim.max_bin_len,
+            max_array_len=lim.max_array_len,
+            max_map_len=lim.max_map_len,
+            max_ext_len=0,
+        )
+        if arrays:
+            self._unpack_kw["object_hook"] = _array_hook
+
+    def encode(self, msg: Message) -> bytes:
+        return msgpack.packb(msg.to_wire(), use_bin_type=True, default=_default)
+
+    def decode(self, raw: bytes) -> Message:
+        return self.from_dict(self.unpack(raw))
+
+    def unpack(self, raw: bytes) -> dict:
+        """Bytes -> the raw map, enforcing limits; raises MalformedMessage or MessageTooLarge."""
+        if len(raw) > self.limits.max_message_bytes:
+            raise MessageTooLarge(
+                f"message of {len(raw)} bytes exceeds max_message_bytes={self.limits.max_message_bytes}"
+            )
+        try:
+            d = msgpack.unpackb(raw, **self._unpack_kw)
+        except ValueError as e:
+            if "exceeds max_" in str(e):
+                raise MessageTooLarge(f"message field too large: {e}") from None
+            raise MalformedMessage(f"undecodable message: {e}") from None
+        except Exception as e:  # msgpack raises several types for garbage (ExtraData, FormatError...)
+            raise MalformedMessage(f"undecodable message: {type(e).__name__}: {e}") from None
+        if not isinstance(d, dict):
+            raise MalformedMessage(f"message must be a map, got {type(d).__name__}")
+        return d
+
+    @staticmethod
+    def from_dict(d: dict) -> Message:
+        rid = d.get("id")
+        rid = rid if isinstance(rid, (int, str)) and not isinstance(rid, bool) else None
+        v = d.get("v")
+        if v != PROTOCOL_VERSION:
+            raise UnsupportedVersion(f"protocol version {v!r} not supported (server speaks "
+                                     f"{PROTOCOL_VERSION})", rid)
+        op = d.get("op")
+        if not isinstance(op, str):
+            raise BadField("missing or non-string 'op'", rid)
+        cls = MESSAGES.get(op)
+        if cls is None:
+            raise UnknownOp(f"unknown op {op!r}", rid)
+        return cls.from_wire(d, rid)

@@ -1,0 +1,368 @@
+"""Typed wire messages.
+
+Every message is a small dataclass with a class-level `OP`. On the wire it is one msgpack map:
+``{"v": PROTOCOL_VERSION, "op": OP, <fields>}``. The registry `MESSAGES` maps op -> class and is the only
+way a message type is chosen when decoding; an unknown op raises `UnknownOp`.
+
+Two families share the codec:
+- client-facing (documented field by field in protocol/README.md): requests a client sends and the
+  replies it gets;
+- worker-facing (ops prefixed ``w_``): coordinator <-> worker traffic on the private ipc socket.
+"""
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass
+from typing import Any, Callable, ClassVar
+
+from .errors import BadField
+
+PROTOCOL_VERSION = 1
+
+
+def _is_id(v: Any) -> bool:
+    return (isinstance(v, int) and not isinstance(v, bool)) or isinstance(v, (str, bytes))
+
+
+def _is_int(v: Any) -> bool:
+    return isinstance(v, int) and not isinstance(v, bool)
+
+
+def _is_num(v: Any) -> bool:
+    return isinstance(v, (int, float)) and not isinstance(v, bool)
+
+
+# Annotation string -> checker. Kept deliberately small: the wire carries msgpack types only.
+_CHECKS: dict[str, Callable[[Any], bool]] = {
+    "Any": lambda v: True,
+    "str": lambda v: isinstance(v, str),
+    "int": _is_int,
+    "float": _is_num,
+    "bool": lambda v: isinstance(v, bool),
+    "dict": lambda v: isinstance(v, dict),
+    "list": lambda v: isinstance(v, (list, tuple)),
+    "bytes": lambda v: isinstance(v, bytes),
+    "RequestId": _is_id,
+}
+
+
+def _checker(annotation: str) -> tuple[Callable[[Any], bool], bool]:
+    """Return (check, nullable) for an annotation such as ``"int | None"``."""
+    parts = [p.strip() for p in annotation.split("|")]
+    nullable = "None" in parts
+    checks = [_CHECKS[p] for p in parts if p != "None"]
+    return (lambda v: any(c(v) for c in checks)), nullable
+
+
+@dataclass(slots=True)
+class Message:
+    """Base of every wire message. Subclasses set OP and are registered with `@register`."""
+
+    OP: ClassVar[str] = ""
+    # (name, check, nullable, required) per field, computed once at registration for fast decoding.
+    _FIELDS: ClassVar[tuple] = ()
+    _NAMES: ClassVar[frozenset] = frozenset()
+
+    def to_wire(self) -> dict:
+        d = {"v": PROTOCOL_VERSION, "op": self.OP}
+        for name, _check, _nullable, _required in self._FIELDS:
+            value = getattr(self, name)
+            if value is not None:
+                d[name] = value
+        return d
+
+    @classmethod
+    def from_wire(cls, d: dict, request_id: Any = None) -> "Message":
+        kwargs = {}
+        for name, check, nullable, required in cls._FIELDS:
+            if name not in d:
+                if required:
+                    raise BadField(f"{cls.OP}: missing field '{name}'", request_id)
+                continue
+            value = d[name]
+            if value is None and nullable:
+                kwargs[name] = None
+            elif not check(value):
+                raise BadField(
+                    f"{cls.OP}: field '{name}' has wrong type {type(value).__name__}", request_id
+                )
+            else:
+                kwargs[name] = value
+        extra = d.keys() - cls._NAMES
+        if extra:
+            raise BadField(f"{cls.OP}: unknown field(s) {sorted(map(str, extra))}", request_id)
+        return cls(**kwargs)
+
+
+MESSAGES: dict[str, type[Message]] = {}
+
+
+def register(cls: type[Message]) -> type[Message]:
+    """Add a message class to the registry, precomputing its field checkers."""
+    if cls.OP in MESSAGES:
+        raise ValueError(f"duplicate op {cls.OP!r}")
+    specs = []
+    for f in dataclasses.fields(cls):
+        check, nullable = _checker(f.type if isinstance(f.type, str) else f.type.__name__)
+        required = f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING
+        specs.append((f.name, check, nullable, required))
+    cls._FIELDS = tuple(specs)
+    cls._NAMES = frozenset(["v", "op", *(s[0] for s in specs)])
+    MESSAGES[cls.OP] = cls
+    return cls
+
+
+# ----------------------------------------------------------------------------- client -> coordinator
+
+
+@register
+@dataclass(slots=True)
+class Submit(Message):
+    """Run `input` on a worker of `pool`. Answered by chunks (if stream) then one result or one error."""
+
+    OP: ClassVar[str] = "submit"
+    id: RequestId
+    pool: str
+    input: Any = None
+    stream: bool = False
+    timeout: float | None = None  # seconds from acceptance; past it the job fails with `timeout`
+    retries: int | None = None  # overrides the pool's retry budget for this job
+
+
+@register
+@dataclass(slots=True)
+class Cancel(Message):
+    """Cancel this client's job `job` (the id its submit used)."""
+
+    OP: ClassVar[str] = "cancel"
+    id: RequestId
+    job: RequestId
+
+
+@register
+@dataclass(slots=True)
+class Status(Message):
+    OP: ClassVar[str] = "status"
+    id: RequestId
+
+
+@register
+@dataclass(slots=True)
+class Health(Message):
+    OP: ClassVar[str] = "health"
+    id: RequestId
+
+
+@register
+@dataclass(slots=True)
+class Scale(Message):
+    OP: ClassVar[str] = "scale"
+    id: RequestId
+    pool: str
+    replicas: int
+
+
+@register
+@dataclass(slots=True)
+class Stop(Message):
+    """Ask the coordinator to drain (unless drain is false) and exit."""
+
+    OP: ClassVar[str] = "stop"
+    id: RequestId
+    reason: str = "client requested stop"
+    drain: bool = True
+
+
+@register
+@dataclass(slots=True)
+class Ping(Message):
+    OP: ClassVar[str] = "ping"
+    id: RequestId
+
+
+# ----------------------------------------------------------------------------- coordinator -> client
+
+
+@register
+@dataclass(slots=True)
+class Result(Message):
+    """The final output of job `id`."""
+
+    OP: ClassVar[str] = "result"
+    id: RequestId
+    output: Any = None
+    meta: dict | None = None
+
+
+@register
+@dataclass(slots=True)
+class Chunk(Message):
+    """One streamed piece of job `id`; seq counts from 0 with no gaps."""
+
+    OP: ClassVar[str] = "chunk"
+    id: RequestId
+    seq: int
+    data: Any = None
+
+
+@register
+@dataclass(slots=True)
+class Error(Message):
+    """Request or job `id` failed. id is null only when the bad message's id could not be read."""
+
+    OP: ClassVar[str] = "error"
+    id: RequestId | None
+    code: str
+    message: str
+    details: Any = None
+
+
+@register
+@dataclass(slots=True)
+class Ok(Message):
+    """Success reply to a non-job request (status, health, scale, stop, ping, cancel)."""
+
+    OP: ClassVar[str] = "ok"
+    id: RequestId
+    data: Any = None
+
+
+# ----------------------------------------------------------------------------- coordinator -> worker
+
+
+@register
+@dataclass(slots=True)
+class WRun(Message):
+    OP: ClassVar[str] = "w_run"
+    jid: int
+    input: Any = None
+    stream: bool = False
+
+
+@register
+@dataclass(slots=True)
+class WCancel(Message):
+    OP: ClassVar[str] = "w_cancel"
+    jid: int
+
+
+@register
+@dataclass(slots=True)
+class WStop(Message):
+    OP: ClassVar[str] = "w_stop"
+    reason: str
+
+
+@register
+@dataclass(slots=True)
+class WPing(Message):
+    """Coordinator heartbeat; a worker that hears none for its timeout exits (no orphans)."""
+
+    OP: ClassVar[str] = "w_ping"
+    t: float
+
+
+@register
+@dataclass(slots=True)
+class WGroupInfo(Message):
+    """Relayed from a TP group's rank 0 to its other ranks: where the group's rendezvous store is."""
+
+    OP: ClassVar[str] = "w_group_info"
+    info: dict
+
+
+# ----------------------------------------------------------------------------- worker -> coordinator
+
+
+@register
+@dataclass(slots=True)
+class WHello(Message):
+    """First message of a worker process's control socket: it is alive and loading."""
+
+    OP: ClassVar[str] = "w_hello"
+    wid: str
+    incarnation: int
+    pid: int
+    rank: int = 0
+
+
+@register
+@dataclass(slots=True)
+class WReady(Message):
+    """Sent on the data socket once the handler is loaded: jobs may now be sent to this socket."""
+
+    OP: ClassVar[str] = "w_ready"
+    wid: str
+    incarnation: int
+    capacity: int
+    devices: list
+    replay_safe: bool = True
+    info: dict | None = None
+
+
+@register
+@dataclass(slots=True)
+class WHeartbeat(Message):
+    """Worker liveness (from its I/O thread) plus progress: step_age is how long the current
+    handler step has run (null when idle), which lets the coordinator tell busy from hung."""
+
+    OP: ClassVar[str] = "w_hb"
+    wid: str
+    incarnation: int
+    step_age: float | None = None
+    stats: dict | None = None
+
+
+@register
+@dataclass(slots=True)
+class WChunk(Message):
+    OP: ClassVar[str] = "w_chunk"
+    jid: int
+    data: Any = None
+
+
+@register
+@dataclass(slots=True)
+class WResult(Message):
+    OP: ClassVar[str] = "w_result"
+    jid: int
+    output: Any = None
+    run_ms: float | None = None
+
+
+@register
+@dataclass(slots=True)
+class WError(Message):
+    OP: ClassVar[str] = "w_error"
+    jid: int
+    code: str
+    message: str
+    details: Any = None
+
+
+@register
+@dataclass(slots=True)
+class WFatal(Message):
+    """The worker (or its TP group) cannot go on: load failure, collective mismatch. It exits next."""
+
+    OP: ClassVar[str] = "w_fatal"
+    wid: str
+    incarnation: int
+    code: str
+    message: str
+    details: Any = None
+
+
+@register
+@dataclass(slots=True)
+class WGroupReport(Message):
+    """A TP group's rank 0 publishes its rendezvous info for the coordinator to relay."""
+
+    OP: ClassVar[str] = "w_group_report"
+    wid: str
+    incarnation: int
+    info: dict
+
+
+CLIENT_REQUESTS = (Submit, Cancel, Status, Health, Scale, Stop, Ping)
+CLIENT_REPLIES = (Result, Chunk, Error, Ok)

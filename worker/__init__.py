@@ -1,0 +1,1 @@
+"""gpu-orchestrator worker process: runs one handler on its own device set. Started as `python -m worker`."""

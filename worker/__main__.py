@@ -1,0 +1,72 @@
+"""Worker process entry point: ``python -m worker --spec JSON``. Started by the coordinator only.
+
+Order matters and is the reason this file exists:
+1. die with the parent (PR_SET_PDEATHSIG) before anything slow, so no orphan can outlive a SIGKILLed
+   coordinator;
+2. pin CPU affinity, before torch sizes its thread pools;
+3. CUDA_VISIBLE_DEVICES is already in our environment (the coordinator set it), so CUDA, if a handler
+   starts it, only ever sees this worker's devices;
+4. connect, load the handler, report READY, serve.
+"""
+from __future__ import annotations
+
+import argparse
+import ctypes
+import json
+import logging
+import os
+import signal
+import sys
+
+PR_SET_PDEATHSIG = 1
+EXIT_LOAD_FAILED = 4
+
+
+def die_with_parent(parent_pid: int) -> None:
+    """Ask the kernel to SIGKILL us when our parent dies, then close the race where it already did."""
+    if sys.platform.startswith("linux"):
+        libc = ctypes.CDLL(None, use_errno=True)
+        libc.prctl(PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0)
+    if os.getppid() != parent_pid:
+        os._exit(3)
+
+
+def pin_cores(cores: list | None) -> None:
+    if cores:
+        try:
+            os.sched_setaffinity(0, cores)
+        except (AttributeError, OSError) as e:  # containers may forbid it; placement stays advisory
+            logging.getLogger("worker").warning("could not set CPU affinity %s: %s", cores, e)
+
+
+def setup_logging(spec: dict) -> None:
+    # The coordinator prefixes each captured line with the worker id; JSON mode keeps lines parseable.
+    fmt = "%(levelname)s %(name)s: %(message)s"
+    logging.basicConfig(level=spec.get("log_level", "INFO"), format=fmt, stream=sys.stderr)
+
+
+def build_context(spec: dict):
+    from worker.handler import WorkerContext
+
+    rank, world = spec["rank"], spec["world_size"]
+    gpu = bool(os.environ.get("CUDA_VISIBLE_DEVICES"))
+    # Inside the worker, CUDA_VISIBLE_DEVICES renumbers our devices from 0; a TP rank uses cuda:<rank>.
+    device = f"cuda:{rank if world > 1 else 0}" if gpu else "cpu"
+    return WorkerContext(wid=spec["wid"], pool=spec["pool"], devices=spec["devices"], device=device,
+                         config=spec.get("config") or {}, rank=rank, world_size=world)
+
+
+def main(argv: list | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m worker", description=__doc__)
+    parser.add_argument("--spec", required=True, help="worker spec as JSON (written by the coordinator)")
+    spec = json.loads(parser.parse_args(argv).spec)
+    die_with_parent(spec["parent_pid"])
+    pin_cores(spec.get("cores"))
+    setup_logging(spec)
+    from worker.process import serve
+
+    return serve(spec, build_context(spec))
+
+
+if __name__ == "__main__":
+    sys.exit(main())

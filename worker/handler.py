@@ -1,0 +1,155 @@
+"""The Handler interface: what runs inside a worker process.
+
+A handler is chosen by the server's config (a built-in name or ``module:Class``), never by a client
+message. Construction is cheap; `load()` does the slow work (imports, CUDA, model weights) and runs once
+before the worker reports READY.
+
+Two shapes:
+
+- `Handler` (synchronous). The worker's compute thread calls `run_batch(jobs)` with up to `max_batch`
+  jobs and sends each outcome. `run(job)` may return the output, or return a generator: every yielded
+  item is one stream chunk and the generator's ``return`` value is the final output.
+- `EngineHandler` (asynchronous, e.g. continuous batching with its own thread). The compute thread
+  calls `add(job)` / `cancel(jid)` and the engine reports through `ctx.sink` (thread-safe) whenever it
+  has chunks, results or errors.
+
+A handler fails one job by raising `JobError(code, message)` (for example `invalid_input`); any other
+exception fails that job with `handler_error` and a short traceback. The worker keeps serving either way.
+"""
+from __future__ import annotations
+
+import threading
+from dataclasses import dataclass
+from typing import Any, Callable
+
+from protocol.errors import JobError
+
+
+@dataclass
+class WorkerContext:
+    """What a handler knows about where it runs. Built by the worker before the handler."""
+
+    wid: str  # e.g. "gen/0"
+    pool: str
+    devices: list  # the physical device ids this worker owns ("0","1") or ["cpu"]
+    device: str  # torch device string for this rank: "cuda:0" (after CUDA_VISIBLE_DEVICES) or "cpu"
+    config: dict  # the pool's handler config from the server config
+    rank: int = 0
+    world_size: int = 1
+    group: Any = None  # worker.tp.GroupRuntime for tp > 1, else None
+    sink: "EventSink | None" = None
+    streams: Any = None  # worker.streams.TransferPool on CUDA workers, else None
+    # Set by the runtime. An EngineHandler calls progress.tick() whenever its engine advances (a decode
+    # step, a finished request), so the watchdog can tell a long generation from a hung one.
+    progress: Any = None
+
+
+class Job:
+    """One job as a handler sees it. `cancelled` turns true when the client cancels it."""
+
+    __slots__ = ("jid", "input", "stream", "_cancelled")
+
+    def __init__(self, jid: int, input: Any, stream: bool, cancelled: set):
+        self.jid = jid
+        self.input = input
+        self.stream = stream
+        self._cancelled = cancelled
+
+    @property
+    def cancelled(self) -> bool:
+        return self.jid in self._cancelled
+
+
+class Handler:
+    """Synchronous handler base. Override `run` (or `run_batch` to batch across jobs)."""
+
+    capacity: int = 1  # credits: jobs the coordinator may keep in flight at this worker
+    max_batch: int = 1  # jobs handed to one run_batch call
+    replay_safe: bool = True  # a job that already streamed chunks may be replayed after a crash
+
+    def __init__(self, ctx: WorkerContext):
+        self.ctx = ctx
+        self.config = ctx.config
+
+    def load(self) -> None:
+        """Slow setup; runs once before READY."""
+
+    def run(self, job: Job) -> Any:
+        raise NotImplementedError
+
+    def run_batch(self, jobs: list[Job]) -> list[Any]:
+        """Outcome per job, in order: an output, a generator (streaming) or a JobError/Exception."""
+        out = []
+        for job in jobs:
+            try:
+                out.append(self.run(job))
+            except Exception as e:  # one job's failure must not fail its batch-mates
+                out.append(e)
+        return out
+
+    def info(self) -> dict:
+        """Extra facts reported with READY (model name, dtype...)."""
+        return {}
+
+    def close(self) -> None:
+        """Release resources; called once when the worker stops."""
+
+
+class EventSink:
+    """Thread-safe outbox an EngineHandler reports through. The worker's compute loop drains it.
+
+    `notify` is set by the worker runtime and wakes its poll loop (an eventfd), so an event is sent
+    without waiting for a poll timeout.
+    """
+
+    def __init__(self, notify: Callable[[], None] = lambda: None):
+        self._lock = threading.Lock()
+        self._events: list[tuple] = []
+        self._notify = notify
+
+    def chunk(self, jid: int, data: Any) -> None:
+        self._put(("chunk", jid, data))
+
+    def result(self, jid: int, output: Any) -> None:
+        self._put(("result", jid, output))
+
+    def error(self, jid: int, code: str, message: str) -> None:
+        self._put(("error", jid, (code, message)))
+
+    def _put(self, event: tuple) -> None:
+        with self._lock:
+            self._events.append(event)
+        self._notify()
+
+    def drain(self) -> list[tuple]:
+        with self._lock:
+            events, self._events = self._events, []
+        return events
+
+
+class EngineHandler(Handler):
+    """Asynchronous handler: jobs join a running engine and finish in any order.
+
+    `add` must not block for long (the compute thread also receives new jobs). Every added job must
+    end in exactly one `ctx.sink.result` or `ctx.sink.error`, including cancelled ones
+    (`error(jid, "cancelled", ...)`).
+    """
+
+    capacity = 32
+
+    def add(self, job: Job) -> None:
+        raise NotImplementedError
+
+    def cancel(self, jid: int) -> None:
+        raise NotImplementedError
+
+    def busy(self) -> bool:
+        """True while any added job has not ended."""
+        return False
+
+
+def check(cond: bool, message: str, code: str = "invalid_input") -> None:
+    """Validate handler input: raise JobError(code, message) unless cond."""
+    if not cond:
+        raise JobError(code, message)
+

@@ -1,0 +1,493 @@
+"""GenerateHandler: text generation on transformers' own continuous batching (CB) engine.
+
+Config: "model" (required: local path or hub id), "dtype" ("auto": float32 on CPU, the checkpoint's dtype
+on GPU), "device_map", "attn_implementation" ("sdpa"), "capacity" (32), "max_new_tokens_cap" (1024),
+"default_max_new_tokens" (64), "max_batch_tokens", "cb" (extra ContinuousBatchingConfig fields, e.g.
+{"num_blocks": 512, "seed": 0}).
+
+Input: exactly one of "prompt" (str), "input_ids" (list[int]) or "messages" (chat, rendered with the
+tokenizer's chat template), plus optional "max_new_tokens", "temperature", "top_p", "top_k", "do_sample",
+"seed", "stop" (str or list[str]) and "eos_token_id" (int or list[int]; [] never stops on EOS).
+Output: {"text", "token_ids", "finish_reason": "stop"|"length", "usage": {"prompt_tokens",
+"completion_tokens"}}; stream chunks are {"text": delta, "token_ids": new ids} and add up to the output.
+
+Two engines share the weights, because `do_sample` is a per-manager setting in CB: greedy requests go to a
+greedy manager (token for token equal to `model.generate(do_sample=False)`); sampled ones go to a second
+manager, started on the first sampled request, with per-request temperature/top_k/top_p
+(`per_request_processors`). CB draws every sample of a batch from one generator, so a per-request "seed"
+cannot make sampling reproducible: a sampled request with a seed is rejected rather than silently ignored.
+"""
+from __future__ import annotations
+
+import math
+import threading
+from dataclasses import dataclass
+
+from protocol.errors import CANCELLED, HANDLER_ERROR, INVALID_INPUT, JobError
+from worker.handler import EngineHandler, Job, check
+
+CONFIG_KEYS = frozenset({
+    "model", "dtype", "device_map", "attn_implementation", "capacity", "max_new_tokens_cap",
+    "default_max_new_tokens", "max_batch_tokens", "cb",
+})
+PROMPT_KEYS = ("prompt", "input_ids", "messages")
+REQUEST_KEYS = frozenset(PROMPT_KEYS + (
+    "max_new_tokens", "temperature", "top_p", "top_k", "do_sample", "seed", "stop", "eos_token_id",
+))
+MAX_STOP_STRINGS = 16
+POLL_S = 0.1  # how often an idle reader checks that its engine thread is still alive
+CB_PAGE_TOKENS = 256  # tokens per KV-cache block: the default page_size (5.23) / block_size (5.17)
+CPU_CACHE_TOKENS = 64 * 1024  # CPU KV cache cap, in tokens, unless cb.num_blocks says otherwise
+CPU_MAX_BATCH_TOKENS = 512
+DETOK_CONTEXT = 5  # prompt tokens decoded ahead of the output so its first token keeps its leading space
+
+
+@dataclass(frozen=True)
+class Limits:
+    context: int  # max_position_embeddings: prompt + output must fit
+    vocab: int  # rows of the input embedding: larger ids would crash the whole CB batch
+    cap: int  # max_new_tokens_cap
+    default_new: int  # default_max_new_tokens
+
+
+@dataclass
+class Request:
+    """A validated generate input."""
+
+    input_ids: list
+    max_new_tokens: int
+    sampling: dict | None  # {"temperature", "top_k", "top_p"} for the sampling engine; None means greedy
+    stop: tuple
+    eos_token_id: list | None  # None: the model's EOS
+
+
+# ----------------------------------------------------------------------------------- input validation
+
+
+def _is_int(v) -> bool:
+    return isinstance(v, int) and not isinstance(v, bool)
+
+
+def _is_number(v) -> bool:
+    return isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
+
+
+def parse_request(inp, tokenizer, lim: Limits) -> Request:
+    """Check a generate input and turn it into a Request; raises JobError("invalid_input") when bad."""
+    check(isinstance(inp, dict), "generate input must be a map")
+    unknown = sorted(set(inp) - REQUEST_KEYS)
+    check(not unknown, f"unknown keys {unknown}; allowed: {sorted(REQUEST_KEYS)}")
+    ids = _prompt_ids(inp, tokenizer, lim)
+    wanted = inp.get("max_new_tokens", lim.default_new)
+    check(_is_int(wanted) and 1 <= wanted <= lim.cap, f"'max_new_tokens' must be an integer in [1, {lim.cap}]")
+    # Output that would run past the context ends there, with finish_reason "length".
+    max_new = min(wanted, lim.context - len(ids))
+    return Request(ids, max_new, _sampling(inp, lim), _stop(inp), _eos(inp, lim))
+
+
+def _prompt_ids(inp: dict, tokenizer, lim: Limits) -> list:
+    given = [k for k in PROMPT_KEYS if k in inp]
+    check(len(given) == 1, f"give exactly one of {list(PROMPT_KEYS)}")
+    value = inp[given[0]]
+    if given[0] == "prompt":
+        check(isinstance(value, str), "'prompt' must be a string")
+        ids = tokenizer(value)["input_ids"]
+    elif given[0] == "messages":
+        ids = _chat_ids(value, tokenizer)
+    else:
+        ok = isinstance(value, list) and all(_is_int(t) and 0 <= t < lim.vocab for t in value)
+        check(ok, f"'input_ids' must be a list of token ids in [0, {lim.vocab})")
+        ids = list(value)
+    check(len(ids) > 0, "the prompt is empty")
+    check(len(ids) < lim.context,
+          f"the prompt has {len(ids)} tokens but the model's context is {lim.context}: no room to generate")
+    return ids
+
+
+def _chat_ids(messages, tokenizer) -> list:
+    ok = isinstance(messages, list) and len(messages) > 0 and all(
+        isinstance(m, dict) and isinstance(m.get("role"), str) and isinstance(m.get("content"), str)
+        for m in messages)
+    check(ok, "'messages' must be a non-empty list of {'role': str, 'content': str}")
+    check(tokenizer.chat_template is not None, "this model has no chat template: send 'prompt' instead")
+    try:
+        text = tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
+    except Exception as e:  # templates raise on inputs they refuse (e.g. roles that do not alternate)
+        raise JobError(INVALID_INPUT, f"the chat template rejected 'messages': {e}") from None
+    # The template already writes the special tokens it wants (BOS...); adding them again would double them.
+    return tokenizer(text, add_special_tokens=False)["input_ids"]
+
+
+def _sampling(inp: dict, lim: Limits) -> dict | None:
+    temperature = inp.get("temperature", 1.0)
+    top_p = inp.get("top_p", 1.0)
+    top_k = inp.get("top_k", 0)
+    check(_is_number(temperature) and temperature >= 0, "'temperature' must be a number >= 0")
+    check(_is_number(top_p) and 0 < top_p <= 1, "'top_p' must be a number in (0, 1]")
+    check(_is_int(top_k) and top_k >= 0, "'top_k' must be an integer >= 0 (0: no top-k)")
+    check("seed" not in inp or _is_int(inp["seed"]), "'seed' must be an integer")
+    # Giving any sampling knob asks for sampling unless do_sample says otherwise; temperature 0 is greedy.
+    do_sample = inp.get("do_sample", any(k in inp for k in ("temperature", "top_p", "top_k")))
+    check(isinstance(do_sample, bool), "'do_sample' must be a boolean")
+    if not do_sample or temperature == 0:
+        return None  # greedy output is deterministic: a seed changes nothing and is accepted
+    check("seed" not in inp, "'seed' is not supported with sampling: the continuous batching engine draws "
+                             "all requests of a batch from one generator, so a per-request seed cannot make "
+                             "output reproducible (set cb.seed in the handler config to seed the engine)")
+    # Every value is explicit so that the engine's defaults never leak into a request.
+    return {"temperature": float(temperature), "top_k": min(top_k, lim.vocab) or lim.vocab,
+            "top_p": float(top_p)}
+
+
+def _stop(inp: dict) -> tuple:
+    stop = inp.get("stop", [])
+    stop = [stop] if isinstance(stop, str) else stop
+    ok = isinstance(stop, list) and len(stop) <= MAX_STOP_STRINGS and all(isinstance(s, str) and s for s in stop)
+    check(ok, f"'stop' must be a non-empty string or a list of up to {MAX_STOP_STRINGS} of them")
+    return tuple(stop)
+
+
+def _eos(inp: dict, lim: Limits) -> list | None:
+    if "eos_token_id" not in inp:
+        return None
+    eos = inp["eos_token_id"]
+    eos = [eos] if _is_int(eos) else eos
+    ok = isinstance(eos, list) and all(_is_int(t) and 0 <= t < lim.vocab for t in eos)
+    check(ok, f"'eos_token_id' must be a token id or a list of token ids in [0, {lim.vocab})")
+    return eos
+
+
+# ---------------------------------------------------------------------------------------- output text
+
+
+class TextState:
+    """Token ids -> text, with stop strings. The final text is by construction the concatenation of the
+    streamed deltas, so chunks always add up to it.
+
+    Decoding follows vLLM's incremental detokenizer: decode a window that starts a few tokens back and keep
+    what it adds. That keeps joining rules (leading spaces, '##' word pieces) right without re-decoding the
+    whole output at every token, and waits while a multi-byte character is incomplete ('\\ufffd').
+    """
+
+    def __init__(self, tokenizer, prompt_ids: list, stop: tuple):
+        self._tok = tokenizer
+        self._ids = list(prompt_ids[max(0, len(prompt_ids) - DETOK_CONTEXT):])
+        self._prefix, self._read = 0, len(self._ids)
+        self._stop = stop
+        # Text that could be the start of a stop string is held back until it is known not to be one.
+        self._hold = max(map(len, stop), default=1) - 1
+        self.text = ""
+        self._sent = 0
+        self.stopped = False
+
+    def add(self, ids: list, final: bool) -> None:
+        if self.stopped:
+            return
+        self._ids.extend(ids)
+        before = self._decode(self._prefix, self._read)
+        after = self._decode(self._prefix, len(self._ids))
+        if len(after) > len(before) and (final or not after.endswith("\ufffd")):
+            self._append(after[len(before):])
+            self._prefix, self._read = self._read, len(self._ids)
+
+    def take(self, final: bool = False) -> str:
+        """The text not yet streamed that is safe to stream now (all of it once final or stopped)."""
+        end = len(self.text) if final or self.stopped else max(self._sent, len(self.text) - self._hold)
+        delta, self._sent = self.text[self._sent:end], end
+        return delta
+
+    def _decode(self, start: int, end: int) -> str:
+        return self._tok.decode(self._ids[start:end], skip_special_tokens=True)
+
+    def _append(self, delta: str) -> None:
+        # A new match must end inside the delta, so it starts at most `hold` characters before it.
+        start = max(0, len(self.text) - self._hold)
+        self.text += delta
+        hits = [i for s in self._stop if (i := self.text.find(s, start)) >= 0]
+        if hits:
+            self.text, self.stopped = self.text[:min(hits)], True
+
+
+class _Gen:
+    """One job inside an engine: what it asked for and what it has produced."""
+
+    def __init__(self, job: Job, req: Request, engine: "_Engine", text: TextState, eos: set):
+        self.jid = job.jid
+        self.rid = str(job.jid)  # the CB request id
+        self.stream = job.stream
+        self.req = req
+        self.engine = engine
+        self.text = text
+        self.eos = eos
+        self.token_ids: list = []
+        self.ids_sent = 0
+
+
+# --------------------------------------------------------------------------------------------- engine
+
+
+class _Engine:
+    """One transformers ContinuousBatchingManager and the thread that reads its outputs."""
+
+    def __init__(self, name: str, manager, on_output, on_exit):
+        self.name = name
+        self.manager = manager
+        self.alive = True
+        self._on_output = on_output
+        self._on_exit = on_exit
+        self._stopping = threading.Event()
+        self._reader = threading.Thread(target=self._read, name=f"cb-{name}-reader", daemon=True)
+
+    def start(self) -> None:
+        self.manager.start()
+        self._reader.start()
+
+    def _read(self) -> None:
+        # One reader with get_result(timeout) serves every request; request_id_iter would need a thread per
+        # request and requeues the outputs of the others. Both exist in transformers 5.17 and 5.23.
+        while not self._stopping.is_set():
+            out = self.manager.get_result(timeout=POLL_S)
+            if out is not None:
+                self._on_output(out)
+            elif not self.manager.is_running():
+                break
+        self.alive = False
+        if not self._stopping.is_set():
+            self._on_exit(self)
+
+    def stop(self, timeout: float) -> None:
+        self._stopping.set()
+        # hard_stop: close() already ended every job, so nothing is left worth finishing.
+        self.manager.stop(block=True, timeout=timeout, hard_stop=True)
+        self._reader.join(timeout)
+
+
+# -------------------------------------------------------------------------------------------- handler
+
+
+class GenerateHandler(EngineHandler):
+    """Causal LM generation through transformers' continuous batching; see the module docstring."""
+
+    # A stream that already sent chunks must not be replayed elsewhere: the client would see them twice.
+    replay_safe = False
+
+    def __init__(self, ctx):
+        super().__init__(ctx)
+        unknown = sorted(set(self.config) - CONFIG_KEYS)
+        if unknown:
+            raise ValueError(f"generate handler: unknown config keys {unknown}; allowed: {sorted(CONFIG_KEYS)}")
+        if "model" not in self.config:
+            raise ValueError("generate handler: config needs 'model' (a local path or a hub id)")
+        self.capacity = int(self.config.get("capacity", 32))
+        self.model = None
+        self.tokenizer = None
+        self.limits: Limits | None = None
+        self._eos: list = []  # the model's EOS ids, used when a request gives none
+        self._greedy: _Engine | None = None
+        self._sampler: _Engine | None = None  # started on the first sampled request
+        self._lock = threading.Lock()  # guards _jobs; held while reporting so each job ends exactly once
+        self._jobs: dict[str, _Gen] = {}
+
+    # ------------------------------------------------------------------------------------ lifecycle
+
+    def load(self) -> None:
+        if self.ctx.world_size > 1:
+            raise JobError(HANDLER_ERROR, f"generate: tensor parallelism (world_size={self.ctx.world_size}) "
+                                          "is not supported by this handler yet; use one device per worker")
+        from transformers import AutoTokenizer
+
+        self.tokenizer = AutoTokenizer.from_pretrained(self.config["model"])
+        self.model = self._load_model()
+        self.limits = self._limits()
+        self._eos = self._model_eos()
+        self._greedy = self._start_engine("greedy", sample=False)
+
+    def _load_model(self):
+        from transformers import AutoModelForCausalLM
+
+        kwargs = {"dtype": self._dtype(), "attn_implementation": self.config.get("attn_implementation", "sdpa")}
+        if self.config.get("device_map") is not None:
+            kwargs["device_map"] = self.config["device_map"]
+        model = AutoModelForCausalLM.from_pretrained(self.config["model"], **kwargs)
+        if "device_map" not in kwargs:
+            model = model.to(self.ctx.device)
+        return model.eval()
+
+    def _dtype(self):
+        import torch
+
+        name = self.config.get("dtype", "auto")
+        if name == "auto":
+            # CPU kernels for bf16/fp16 are slow or missing; on GPU keep the checkpoint's dtype.
+            return torch.float32 if self.ctx.device == "cpu" else "auto"
+        dtype = getattr(torch, str(name), None)
+        if not isinstance(dtype, torch.dtype):
+            raise ValueError(f"generate handler: unknown dtype {name!r}")
+        return dtype
+
+    def _limits(self) -> Limits:
+        text_cfg = self.model.config.get_text_config()
+        context = getattr(text_cfg, "max_position_embeddings", None) or self.tokenizer.model_max_length
+        return Limits(
+            context=int(context),
+            vocab=self.model.get_input_embeddings().num_embeddings,
+            cap=int(self.config.get("max_new_tokens_cap", 1024)),
+            default_new=int(self.config.get("default_max_new_tokens", 64)),
+        )
+
+    def _model_eos(self) -> list:
+        eos = self.model.generation_config.eos_token_id
+        eos = self.tokenizer.eos_token_id if eos is None else eos
+        return [] if eos is None else ([eos] if isinstance(eos, int) else list(eos))
+
+    def _start_engine(self, name: str, sample: bool) -> _Engine:
+        from transformers import ContinuousBatchingConfig, GenerationConfig
+
+        gen = GenerationConfig(do_sample=sample, max_new_tokens=self.limits.default_new,
+                               eos_token_id=self._eos or -1, pad_token_id=self.tokenizer.pad_token_id)
+        if sample:
+            # Values other than the neutral ones make CB create the processors; each request overrides them.
+            gen.update(temperature=0.7, top_k=50, top_p=0.9)
+        manager = self.model.init_continuous_batching(
+            generation_config=gen, continuous_batching_config=ContinuousBatchingConfig(**self._cb_config(sample)))
+        engine = _Engine(name, manager, self._on_output, self._on_engine_exit)
+        engine.start()
+        return engine
+
+    def _cb_config(self, sample: bool) -> dict:
+        cb = dict(self.config.get("cb") or {})
+        if "max_batch_tokens" in self.config:
+            cb["max_batch_tokens"] = int(self.config["max_batch_tokens"])
+        if self.model.device.type == "cpu":
+            # transformers sizes the KV cache from free GPU memory; on CPU it takes most of the RAM (9 GB for a
+            # 2-layer toy model, 20 s to allocate on 2 cores), and a large token budget slows every step.
+            tokens = min(self.capacity * self.limits.context, CPU_CACHE_TOKENS)
+            cb.setdefault("num_blocks", -(-tokens // CB_PAGE_TOKENS))
+            cb.setdefault("max_batch_tokens", CPU_MAX_BATCH_TOKENS)
+        cb["per_request_processors"] = sample
+        return cb
+
+    def info(self) -> dict:
+        import transformers
+
+        return {"model": self.config["model"], "dtype": str(self.model.dtype).removeprefix("torch."),
+                "device": str(self.model.device), "context": self.limits.context,
+                "transformers": transformers.__version__}
+
+    def close(self) -> None:
+        with self._lock:
+            jobs, self._jobs = list(self._jobs.values()), {}
+            for gen in jobs:
+                self.ctx.sink.error(gen.jid, HANDLER_ERROR, "the worker closed before the job finished")
+        for engine in (self._greedy, self._sampler):
+            if engine is not None:
+                engine.stop(timeout=30)
+
+    # ----------------------------------------------------------------------------------------- jobs
+
+    def add(self, job: Job) -> None:
+        """Validate and queue a job; raises JobError("invalid_input") for bad input."""
+        req = parse_request(job.input, self.tokenizer, self.limits)
+        engine = self._engine_for(req)
+        eos = set(self._eos if req.eos_token_id is None else req.eos_token_id)
+        gen = _Gen(job, req, engine, TextState(self.tokenizer, req.input_ids, req.stop), eos)
+        with self._lock:
+            if gen.rid in self._jobs:
+                raise RuntimeError(f"job {job.jid} is already running")
+            self._jobs[gen.rid] = gen  # before add_request: the reader may see an output at once
+        try:
+            self._submit(gen)
+        except BaseException:
+            with self._lock:
+                self._jobs.pop(gen.rid, None)
+            raise
+
+    def _engine_for(self, req: Request) -> _Engine:
+        if req.sampling is not None and self._sampler is None:
+            self._sampler = self._start_engine("sample", sample=True)
+        engine = self._greedy if req.sampling is None else self._sampler
+        if not engine.alive:
+            raise RuntimeError(f"the {engine.name} generation engine has stopped")
+        return engine
+
+    def _submit(self, gen: _Gen) -> None:
+        req = gen.req
+        rid = gen.engine.manager.add_request(
+            input_ids=req.input_ids, request_id=gen.rid, max_new_tokens=req.max_new_tokens,
+            # Stop strings need every token as it comes, so that generation can end early.
+            streaming=gen.stream or bool(req.stop), eos_token_id=req.eos_token_id, **(req.sampling or {}))
+        if rid is None:
+            raise RuntimeError(f"the {gen.engine.name} generation engine refused the request (stopping)")
+
+    def cancel(self, jid: int) -> None:
+        with self._lock:
+            gen = self._jobs.pop(str(jid), None)
+            if gen is None:
+                return  # already ended: its result or error was sent
+            self.ctx.sink.error(jid, CANCELLED, "cancelled by the client")
+        gen.engine.manager.cancel_request(gen.rid)
+
+    def busy(self) -> bool:
+        with self._lock:
+            return bool(self._jobs)
+
+    # ------------------------------------------------------------------------ engine outputs (reader)
+
+    def _on_output(self, out) -> None:
+        with self._lock:
+            gen = self._jobs.get(out.request_id)
+        if gen is None:
+            return  # cancelled or ended: late outputs of that request are dropped
+        try:
+            self._advance(gen, out)
+        except Exception as e:  # one bad output must not kill the reader that serves every job
+            self._fail(gen, f"{type(e).__name__}: {e}")
+
+    def _advance(self, gen: _Gen, out) -> None:
+        if out.error is not None:
+            self._fail(gen, f"generation failed: {out.error}")
+            return
+        new = list(out.generated_tokens[len(gen.token_ids):])
+        gen.token_ids.extend(new)
+        gen.text.add(new, final=out.is_finished())
+        if gen.text.stopped:
+            if not out.is_finished():
+                gen.engine.manager.cancel_request(gen.rid)  # frees its cache now; more tokens would be dropped
+            self._end(gen, "stop")
+        elif out.is_finished():
+            self._end(gen, "stop" if gen.token_ids and gen.token_ids[-1] in gen.eos else "length")
+        elif gen.stream and new:
+            with self._lock:
+                if self._jobs.get(gen.rid) is gen:
+                    self._send_chunk(gen, final=False)
+
+    def _send_chunk(self, gen: _Gen, final: bool) -> None:
+        text, ids = gen.text.take(final), gen.token_ids[gen.ids_sent:]
+        gen.ids_sent = len(gen.token_ids)
+        if text or ids:
+            self.ctx.sink.chunk(gen.jid, {"text": text, "token_ids": ids})
+
+    def _end(self, gen: _Gen, finish_reason: str) -> None:
+        with self._lock:
+            if self._jobs.pop(gen.rid, None) is not gen:
+                return
+            if gen.stream:
+                self._send_chunk(gen, final=True)
+            self.ctx.sink.result(gen.jid, {
+                "text": gen.text.text,
+                "token_ids": gen.token_ids,
+                "finish_reason": finish_reason,
+                "usage": {"prompt_tokens": len(gen.req.input_ids), "completion_tokens": len(gen.token_ids)},
+            })
+
+    def _fail(self, gen: _Gen, message: str) -> None:
+        with self._lock:
+            if self._jobs.pop(gen.rid, None) is gen:
+                self.ctx.sink.error(gen.jid, HANDLER_ERROR, message)
+
+    def _on_engine_exit(self, engine: _Engine) -> None:
+        """The engine thread died (a fatal error inside transformers): fail the jobs it held."""
+        with self._lock:
+            lost = [g for g in self._jobs.values() if g.engine is engine]
+        for gen in lost:
+            self._fail(gen, f"the {engine.name} generation engine stopped unexpectedly")

@@ -1,0 +1,228 @@
+"""The worker's compute loop: receive jobs on the data socket, run the handler, send outcomes.
+
+It runs on the main thread and owns the data socket, so a job goes socket -> handler -> socket without
+crossing threads. The control thread (worker/control.py) pokes it through an eventfd for cancel and stop.
+"""
+from __future__ import annotations
+
+import logging
+import os
+import time
+import traceback
+import types
+from collections import deque
+
+import zmq
+
+from protocol import Codec, JobError
+from protocol.messages import WChunk, WError, WReady, WResult, WRun
+from worker.handler import EngineHandler, EventSink, Handler, Job
+
+log = logging.getLogger("worker.runtime")
+
+IDLE_POLL_MS = 200  # how often an idle loop rechecks the stop flag even without a poke
+
+
+def short_traceback(exc: BaseException, limit: int = 6) -> str:
+    """The last frames of a traceback: enough to find the bug, small enough for one reply."""
+    lines = traceback.format_exception(type(exc), exc, exc.__traceback__, limit=-limit)
+    return "".join(lines)[-4000:]
+
+
+def outcome_error(exc: BaseException) -> tuple[str, str]:
+    """Map a handler exception to (code, message) for an error reply."""
+    if isinstance(exc, JobError):
+        return exc.code, exc.message
+    return "handler_error", f"{type(exc).__name__}: {exc}\n{short_traceback(exc)}"
+
+
+class Wakeup:
+    """An eventfd the compute loop polls next to its socket; any thread may `set()` it."""
+
+    def __init__(self):
+        self.fd = os.eventfd(0, os.EFD_NONBLOCK | os.EFD_CLOEXEC)
+
+    def set(self) -> None:
+        os.eventfd_write(self.fd, 1)
+
+    def clear(self) -> None:
+        try:
+            os.eventfd_read(self.fd)
+        except BlockingIOError:
+            pass
+
+
+class ComputeLoop:
+    """Runs one handler. Construct cheaply; `start()` connects, loads and reports READY; `run()` serves
+    until the control thread sets its stop event."""
+
+    def __init__(self, zctx: zmq.Context, spec: dict, handler: Handler, control, progress):
+        self.zctx, self.spec, self.handler = zctx, spec, handler
+        self.control, self.progress = control, progress
+        self.cancelled: set = control.cancelled
+        self.codec = Codec(arrays=True)
+        self.pending: deque[Job] = deque()
+        self.wakeup = Wakeup()
+        self.sock: zmq.Socket | None = None
+        self.engine = isinstance(handler, EngineHandler)
+        self.active: set[int] = set()  # engine jobs added and not yet ended
+
+    def start(self) -> None:
+        self.control.set_wake(self.wakeup.set)
+        if self.engine:
+            self.handler.ctx.sink = EventSink(self.wakeup.set)
+        self.handler.ctx.progress = self.progress
+        self.sock = self._connect()  # before load, so that a load failure can be reported on it
+        self.progress.begin()  # loading counts as a step: a hung load is caught by the watchdog
+        self.handler.load()
+        self.progress.end()
+        spec, h = self.spec, self.handler
+        capacity = int(spec.get("capacity") or h.capacity)
+        self.send(WReady(spec["wid"], spec["incarnation"], capacity, spec["devices"], h.replay_safe,
+                         h.info()))
+
+    def _connect(self) -> zmq.Socket:
+        sock = self.zctx.socket(zmq.DEALER)
+        sock.setsockopt(zmq.LINGER, 2000)  # let final results flush on a graceful stop
+        sock.setsockopt(zmq.SNDHWM, 0)  # never drop a result because a queue filled
+        sock.setsockopt(zmq.RCVHWM, 0)
+        sock.setsockopt(zmq.ROUTING_ID, f"d:{self.spec['wid']}:{self.spec['incarnation']}".encode())
+        sock.connect(self.spec["endpoint"])
+        return sock
+
+    def send(self, msg) -> None:
+        self.sock.send(self.codec.encode(msg))
+
+    # ------------------------------------------------------------------ main loop
+
+    def run(self) -> None:
+        poller = zmq.Poller()
+        poller.register(self.sock, zmq.POLLIN)
+        poller.register(self.wakeup.fd, zmq.POLLIN)
+        while not self.control.stop_event.is_set():
+            busy = bool(self.pending) and not self.engine
+            poller.poll(0 if busy else IDLE_POLL_MS)
+            self.wakeup.clear()
+            self._receive()
+            if self.engine:
+                self._engine_turn()
+            else:
+                self._sync_turn()
+        self._finish_on_stop()
+
+    def _receive(self) -> None:
+        while True:
+            try:
+                raw = self.sock.recv(zmq.NOBLOCK)
+            except zmq.Again:
+                return
+            msg = self.codec.decode(raw)
+            if isinstance(msg, WRun):
+                self.pending.append(Job(msg.jid, msg.input, msg.stream, self.cancelled))
+
+    def _finish_on_stop(self) -> None:
+        """A graceful stop arrives only once the coordinator has nothing in flight here; anything
+        still pending is failed explicitly rather than dropped silently."""
+        for job in self.pending:
+            self.send(WError(job.jid, "worker_crashed", f"worker stopping: {self.control.stop_reason}"))
+        self.pending.clear()
+
+    # ------------------------------------------------------------------ synchronous handlers
+
+    def _sync_turn(self) -> None:
+        batch = []
+        while self.pending and len(batch) < self.handler.max_batch:
+            job = self.pending.popleft()
+            if job.cancelled:
+                self._end(job.jid, WError(job.jid, "cancelled", "cancelled before it started"))
+            else:
+                batch.append(job)
+        if not batch:
+            return
+        self.progress.begin()
+        start = time.perf_counter()
+        try:
+            outcomes = self.handler.run_batch(batch)
+        except Exception as e:  # a batch-level failure fails each of its jobs, not the worker
+            outcomes = [e] * len(batch)
+        run_ms = (time.perf_counter() - start) * 1000 / len(batch)
+        for job, outcome in zip(batch, outcomes):
+            self._deliver(job, outcome, run_ms)
+        self.progress.end()
+
+    def _deliver(self, job: Job, outcome, run_ms: float) -> None:
+        if isinstance(outcome, BaseException):
+            code, message = outcome_error(outcome)
+            self._end(job.jid, WError(job.jid, code, message))
+        elif isinstance(outcome, types.GeneratorType):
+            self._stream(job, outcome)
+        else:
+            self._end(job.jid, WResult(job.jid, outcome, run_ms))
+
+    def _stream(self, job: Job, gen) -> None:
+        start = time.perf_counter()
+        try:
+            while True:
+                if job.cancelled:
+                    gen.close()
+                    raise JobError("cancelled", "cancelled while streaming")
+                chunk = next(gen)
+                self.progress.tick()
+                if job.stream:
+                    self.send(WChunk(job.jid, chunk))
+        except StopIteration as stop:
+            self._end(job.jid, WResult(job.jid, stop.value, (time.perf_counter() - start) * 1000))
+        except Exception as e:
+            code, message = outcome_error(e)
+            self._end(job.jid, WError(job.jid, code, message))
+
+    def _end(self, jid: int, msg) -> None:
+        self.send(msg)
+        self.cancelled.discard(jid)
+
+    # ------------------------------------------------------------------ engine handlers
+
+    def _engine_turn(self) -> None:
+        while self.pending:
+            job = self.pending.popleft()
+            self._engine_add(job)
+        for jid in [j for j in self.active if j in self.cancelled]:
+            self.cancelled.discard(jid)
+            self.handler.cancel(jid)
+        for kind, jid, payload in self.handler.ctx.sink.drain():
+            self._engine_event(kind, jid, payload)
+        if not self.active:
+            self.progress.end()
+        elif self.progress.age() is None:
+            self.progress.begin()
+
+    def _engine_add(self, job: Job) -> None:
+        if job.cancelled:
+            self._end(job.jid, WError(job.jid, "cancelled", "cancelled before it started"))
+            return
+        try:
+            self.handler.add(job)
+        except Exception as e:
+            code, message = outcome_error(e)
+            self._end(job.jid, WError(job.jid, code, message))
+            return
+        self.active.add(job.jid)
+
+    def _engine_event(self, kind: str, jid: int, payload) -> None:
+        self.progress.tick()
+        if kind == "chunk":
+            self.send(WChunk(jid, payload))
+            return
+        self.active.discard(jid)
+        if kind == "result":
+            self._end(jid, WResult(jid, payload))
+        else:
+            code, message = payload
+            self._end(jid, WError(jid, code, message))
+
+    def close(self) -> None:
+        try:
+            self.handler.close()
+        finally:
+            if self.sock is not None:
+                self.sock.close()
