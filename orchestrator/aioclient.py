@@ -9,7 +9,7 @@ from typing import Any, AsyncIterator
 import zmq
 import zmq.asyncio
 
-from protocol import Codec
+from protocol import Codec, ProtocolError
 from protocol.messages import Cancel, Chunk, Error, Health, Ping, Result, Scale, Status, Stop, Submit
 from . import security
 from .client import RequestError
@@ -121,7 +121,10 @@ class AsyncClient:
 
     async def _read(self) -> None:
         while True:
-            msg = self._codec.decode(await self._sock.recv())
+            try:
+                msg = self._codec.decode(await self._sock.recv())
+            except ProtocolError:  # one bad reply must not end the task every caller waits on
+                continue
             entry = self._pending.get(msg.id) if msg.id is not None else None
             if entry is None:
                 continue

@@ -6,15 +6,16 @@ config; 3 no answer from the coordinator within the timeout.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import logging
 import sys
 import time
 
-from protocol import JobError
+from protocol import JobError, Limits
 
 from . import logs
-from .config import DEFAULT_ADDRESS, PoolConfig, ServerConfig, load_toml
+from .config import DEFAULT_ADDRESS, PoolConfig, ServerConfig, load_toml, validate
 
 EXIT_OK, EXIT_FAILED, EXIT_USAGE, EXIT_NO_ANSWER = 0, 1, 2, 3
 
@@ -44,16 +45,21 @@ def add_serve(sub) -> None:
     p.add_argument("--hb-interval", type=float)
     p.add_argument("--hb-timeout", type=float)
     p.add_argument("--drain-timeout", type=float)
-    p.add_argument("--metrics-port", type=int, help="serve Prometheus metrics on this port")
+    p.add_argument("--metrics-port", type=int,
+                   help="serve Prometheus metrics on this port (0: a free port, printed as `metrics: URL`)")
     p.add_argument("--log-format", choices=["text", "json"])
     p.add_argument("--log-level")
     p.add_argument("--insecure", action="store_true", help="allow a non-loopback bind without CURVE")
     p.add_argument("--curve-secret-key", help="server key pair file (from `orchestrator keygen`)")
     p.add_argument("--authorized-keys", help="directory of client public key files")
     p.add_argument("--kill-stale", action="store_true", help="kill leftover workers of earlier runs")
-    p.add_argument("--max-message-bytes", type=int)
-    p.add_argument("--max-pending-per-client", type=int)
-    p.add_argument("--max-queued", type=int, help="total queued jobs across pools")
+    for f in dataclasses.fields(Limits):  # --max-message-bytes, --max-bin-len, ... (README, "Limits")
+        p.add_argument("--" + f.name.replace("_", "-"), type=int, metavar="N",
+                       help=f"[limits] {f.name} (default {f.default})")
+    p.add_argument("--max-pending-per-client", type=int, metavar="N",
+                   help="unfinished jobs one client connection may have; more: `overloaded` (100000)")
+    p.add_argument("--max-queued", type=int, metavar="N",
+                   help="[server] max_queued_total: queued jobs across pools; more: `overloaded` (1000000)")
     p.set_defaults(func=cmd_serve)
 
 
@@ -74,10 +80,9 @@ def build_config(args) -> ServerConfig:
             setattr(cfg, attr, getattr(args, flag))
     cfg.insecure = cfg.insecure or args.insecure
     cfg.kill_stale = cfg.kill_stale or args.kill_stale
-    if args.max_message_bytes:
-        import dataclasses
-
-        cfg.limits = dataclasses.replace(cfg.limits, max_message_bytes=args.max_message_bytes)
+    limits = {f.name: getattr(args, f.name) for f in dataclasses.fields(Limits)
+              if getattr(args, f.name) is not None}
+    cfg.limits = dataclasses.replace(cfg.limits, **limits)
     if not cfg.pools or args.handler:
         cfg.pools = [flag_pool(args)] + [p for p in cfg.pools if p.name != (args.pool or args.handler)]
     elif any(getattr(args, f) is not None for f in _POOL_FLAGS) and len(cfg.pools) == 1:
@@ -108,6 +113,7 @@ def cmd_serve(args) -> int:
 
     try:
         cfg = build_config(args)
+        validate(cfg)
     except (ValueError, OSError) as e:
         print(f"orchestrator serve: bad config: {e}", file=sys.stderr)
         return EXIT_USAGE
@@ -124,6 +130,8 @@ def cmd_serve(args) -> int:
     for pool in coord.pools.values():
         print(f"pool {pool.name}: handler={pool.cfg.handler} tp={pool.cfg.tp} slots={pool.desired} "
               f"devices={','.join(pool.device_set.ids)}", flush=True)
+    if coord.metrics.url:
+        print(f"metrics: {coord.metrics.url}", flush=True)
     return coord.run()
 
 
@@ -255,7 +263,12 @@ def cmd_stop(args) -> int:
 def cmd_keygen(args) -> int:
     from .security import keygen
 
-    for path in keygen(args.dir, tuple(args.names)):
+    try:
+        paths = keygen(args.dir, tuple(args.names))
+    except OSError as e:
+        print(f"orchestrator keygen: {e}", file=sys.stderr)
+        return EXIT_USAGE
+    for path in paths:
         print(path)
     return EXIT_OK
 
@@ -303,6 +316,9 @@ def main(argv: list | None = None) -> int:
     except JobError as e:
         print(f"error [{e.code}]: {e.message}", file=sys.stderr)
         return EXIT_FAILED
+    except ValueError as e:  # bad input JSON, unreadable CURVE key files
+        print(f"orchestrator {args.command}: {e}", file=sys.stderr)
+        return EXIT_USAGE
     except KeyboardInterrupt:
         logging.getLogger("orchestrator").info("interrupted")
         return EXIT_FAILED

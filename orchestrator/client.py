@@ -15,7 +15,7 @@ from typing import Any, Iterator
 
 import zmq
 
-from protocol import Codec, JobError
+from protocol import Codec, JobError, ProtocolError
 from protocol.messages import (
     Cancel, Chunk, Error, Health, Ok, Ping, Result, Scale, Status, Stop, Submit,
 )
@@ -97,6 +97,7 @@ class Client:
         self._socks: list = []
         self._socks_lock = threading.Lock()
         self._closed = threading.Event()
+        curve = security.client_keys(curve)  # raises ValueError here, not in the I/O thread
         self._io = threading.Thread(target=self._io_loop, args=(curve,), daemon=True,
                                     name="orchestrator-client-io")
         self._bound = threading.Event()
@@ -220,7 +221,11 @@ class Client:
                 raw = dealer.recv(zmq.NOBLOCK)
             except zmq.Again:
                 return
-            self._deliver(self._codec.decode(raw))
+            try:
+                msg = self._codec.decode(raw)
+            except ProtocolError:  # one bad reply must not kill the thread every caller waits on
+                continue
+            self._deliver(msg)
 
     def _deliver(self, msg) -> None:
         pending = self._pending.get(msg.id) if msg.id is not None else None

@@ -39,6 +39,7 @@ class PoolConfig:
     restart_backoff_max: float = 5.0
     cpu_threads: int | None = None  # torch threads per CPU worker; None: its share of the cores
     env: dict = field(default_factory=dict)  # extra environment for this pool's workers
+    guard_timeout: float = 5.0  # tp > 1: seconds a rank waits for the others at a collective guard step
 
 
 @dataclass
@@ -91,6 +92,11 @@ def validate(cfg: ServerConfig) -> None:
     """Raise ValueError on a config that cannot run (checked before anything starts)."""
     if not cfg.pools:
         raise ValueError("no pools configured")
+    caps = {f"limits.{f.name}": getattr(cfg.limits, f.name) for f in dataclasses.fields(cfg.limits)}
+    caps.update(max_pending_per_client=cfg.max_pending_per_client, max_queued_total=cfg.max_queued_total)
+    for name, value in caps.items():
+        if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+            raise ValueError(f"{name} must be a positive integer, got {value!r}")
     names = [p.name for p in cfg.pools]
     if len(set(names)) != len(names):
         raise ValueError(f"duplicate pool names: {names}")

@@ -18,6 +18,7 @@ from collections import defaultdict
 import zmq
 
 from protocol import Codec, ProtocolError, errors as E
+from protocol.codec import INTERNAL_LIMITS
 from protocol.messages import (
     Cancel, Chunk, Error, Health, Ok, Ping, Result, Scale, Status, Stop, Submit, WChunk, WError,
     WFatal, WGroupReport, WHeartbeat, WHello, WReady, WResult, WRun, WCancel,
@@ -69,6 +70,9 @@ class Coordinator:
         self.name = "coordinator"
         self.state = CS.RUNNING
         self.codec = Codec(cfg.limits)
+        # Worker traffic is private and already passed the client limits on its way in; a result
+        # may be larger than the request (and must never crash the loop by being so).
+        self.wcodec = Codec(INTERNAL_LIMITS)
         self.pools: dict[str, Pool] = {}
         self.jobs: dict[tuple, Job] = {}  # (route, client id) -> unfinished job
         self.per_client: dict[tuple, int] = defaultdict(int)  # route -> unfinished jobs
@@ -85,6 +89,7 @@ class Coordinator:
         self.rejected = defaultdict(int)  # error code -> count of rejected requests
         # Created by start(); None until then so shutdown() is safe after a failed start.
         self.zctx = self.auth = self.csock = self.wsock = self.loop = self.sup = None
+        self.monitor: security.HandshakeMonitor | None = None
         self.worker_endpoint: str | None = None
 
     # ------------------------------------------------------------------ start
@@ -101,6 +106,8 @@ class Coordinator:
         self.loop = EventLoop()
         self.loop.add(self.csock, self._on_client)
         self.loop.add(self.wsock, self._on_worker)
+        self.monitor = security.HandshakeMonitor(self.csock, self.csock.getsockopt(zmq.MAXMSGSIZE))
+        self.loop.add(self.monitor.sock, self.monitor.on_readable)
         self.sup = Supervisor(self.cfg, self.worker_endpoint, self._send_worker, self.loop,
                               self._on_slot_down, self._on_slot_change, self.metrics)
         self._install_signals()
@@ -197,9 +204,13 @@ class Coordinator:
                         p.kill(self.stop_reason or "coordinator shutdown")
                         p.reap()
         self.metrics.stop()
-        for sock in (self.csock, self.wsock):
-            if sock is not None:
-                sock.close(linger=0)
+        if self.monitor is not None:
+            self.monitor.close()
+            self.monitor = None
+        if self.csock is not None:
+            self.csock.close(linger=1000)  # let the last replies (results, the stop's ok) flush
+        if self.wsock is not None:
+            self.wsock.close(linger=0)
         self.csock = self.wsock = None
         if self.auth is not None:
             self.auth.stop()
@@ -233,10 +244,17 @@ class Coordinator:
         except ProtocolError as e:
             self._reject(route, e.request_id, e.code, e.message)
             return
-        self._ops[type(msg)](self, route, msg)
+        op = self._ops.get(type(msg))
+        if op is None:  # a reply or worker-only op: valid on the wire, but not a client request
+            self._reject(route, getattr(msg, "id", None), E.UNKNOWN_OP,
+                         f"op {msg.OP!r} is not a client request")
+            return
+        op(self, route, msg)
 
     def _reject(self, route: tuple, rid, code: str, message: str) -> None:
         self.rejected[code] += 1
+        if len(message) > 500:  # it may quote client input (an op, a pool name) of up to max_str_len
+            message = message[:500] + f"... ({len(message)} chars)"
         self.bad_log.warning("rejected request from client %s: %s: %s", route[0].hex()[:8], code, message)
         self._reply(route, Error(rid, code, message))
 
@@ -257,6 +275,9 @@ class Coordinator:
         self.per_client[route] += 1
         if deadline:
             heapq.heappush(self.timeouts, (deadline, job.jid, job))
+            if len(self.timeouts) > 2 * len(self.jobs) + 1024:  # finished jobs wait for their deadline
+                self.timeouts = [t for t in self.timeouts if not t[2].finished]
+                heapq.heapify(self.timeouts)
         self._enqueue(pool, job)
         self.metrics.job_accepted(pool.name)
         self._dispatch(pool)
@@ -270,13 +291,18 @@ class Coordinator:
             return E.SHUTTING_DOWN, "the coordinator is shutting down and accepts no new jobs"
         if (route, msg.id) in self.jobs:
             return E.BAD_REQUEST, f"job id {msg.id!r} is already in flight for this client"
-        if msg.timeout is not None and msg.timeout <= 0 or msg.retries is not None and msg.retries < 0:
+        # `not > 0` also rejects NaN, which would sit at the top of the deadline heap forever.
+        if msg.timeout is not None and not msg.timeout > 0 or msg.retries is not None and msg.retries < 0:
             return E.BAD_REQUEST, "timeout must be > 0 and retries >= 0"
-        if self.per_client[route] >= self.cfg.max_pending_per_client:
+        if self.per_client.get(route, 0) >= self.cfg.max_pending_per_client:  # .get: no entry per stranger
             return E.OVERLOADED, f"this client already has {self.per_client[route]} unfinished jobs " \
                                  f"(max_pending_per_client={self.cfg.max_pending_per_client})"
-        if len(pool.queue) >= pool.cfg.queue_size or self.queued_total >= self.cfg.max_queued_total:
-            return E.OVERLOADED, f"pool {pool.name} queue is full ({len(pool.queue)} queued)"
+        if len(pool.queue) >= pool.cfg.queue_size:
+            return E.OVERLOADED, f"pool {pool.name} queue is full ({len(pool.queue)} queued, " \
+                                 f"queue_size={pool.cfg.queue_size})"
+        if self.queued_total >= self.cfg.max_queued_total:
+            return E.OVERLOADED, f"{self.queued_total} jobs queued across pools " \
+                                 f"(max_queued_total={self.cfg.max_queued_total})"
         if not pool.can_ever_serve():
             return E.UNAVAILABLE, f"pool {pool.name} has no live workers"
         return None
@@ -339,10 +365,14 @@ class Coordinator:
                 slot.set_state(WS.BUSY)
             self.wsock.send_multipart([slot.leader.data_id,
                                        self.codec.encode(WRun(job.jid, job.input, job.stream))])
+            if job.crashes:  # a retry: logged so that recovery is visible (and measured by the bench)
+                log.info("job %d: attempt %d dispatched to %s", job.jid, len(job.crashes) + 1,
+                         slot.name, extra={"wid": slot.name, "pool": slot.spec.pool})
 
     def _finish(self, job: Job, state: JS, reply) -> None:
         """The one place a job ends: exactly one terminal reply, then forget it."""
         job.set_state(state)
+        job.input = None  # the timeout heap may hold the job until its deadline: not its payload
         self.jobs.pop((job.client, job.cid), None)
         self.per_client[job.client] -= 1
         if self.per_client[job.client] <= 0:
@@ -388,7 +418,7 @@ class Coordinator:
                 continue  # a process already declared dead: its late messages are dropped
             slot, proc = entry
             proc.last_seen = now
-            msg = self.codec.decode(frames[-1])
+            msg = self.wcodec.decode(frames[-1])
             handler = self._worker_ops.get(type(msg))
             if handler is not None:
                 handler(self, slot, proc, msg)
@@ -498,7 +528,7 @@ class Coordinator:
         for slot in drain:
             self.sup.drain_slot(slot, f"scale {pool.name} to {replicas}")
         log.info("pool %s: scale to %d (start %s, drain %s)", pool.name, replicas, start,
-                 [s.name for s in drain])
+                 [s.name for s in drain], extra={"pool": pool.name})
 
     # ------------------------------------------------------------------ stop
 

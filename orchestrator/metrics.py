@@ -5,6 +5,8 @@ from __future__ import annotations
 class NullMetrics:
     """Every hook is a no-op; the coordinator calls them unconditionally."""
 
+    url: str | None = None  # where metrics are served (none here)
+
     def start(self, coordinator) -> None: ...
 
     def stop(self) -> None: ...

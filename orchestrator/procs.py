@@ -39,6 +39,7 @@ class SlotSpec:
     capacity: int | None = None
     cpu_threads: int | None = None
     env: dict = field(default_factory=dict)
+    guard_timeout: float = 5.0  # tp > 1 only
 
     @property
     def wid(self) -> str:
@@ -82,7 +83,7 @@ class Proc:
         if self.exit_reason is None:
             self.exit_reason = reason
         if self.alive:
-            log.info("killing pid %s: %s", self.pid, reason)
+            log.info("killing pid %s: %s", self.pid, reason, extra={"wid": self.wid})
             try:
                 os.kill(self.pid, signal.SIGKILL)
             except ProcessLookupError:
@@ -118,6 +119,7 @@ class Slot:
         self.completed = 0
         self.failed = 0
         self.info: dict = {}
+        self.group_info: dict | None = None  # TP rendezvous info from rank 0 (this incarnation)
         self.stop_reason: str | None = None  # set when we stop it on purpose
         self.stop_deadline: float | None = None
 
@@ -163,6 +165,7 @@ def worker_spec(spec: SlotSpec, rank: int, incarnation: int, endpoint: str, cfg)
         "hb_interval": cfg.hb_interval,
         "coord_timeout": cfg.coord_timeout,
         "log_level": cfg.log_level,
+        "guard_timeout": spec.guard_timeout,
     }
 
 

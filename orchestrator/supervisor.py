@@ -17,12 +17,16 @@ import time
 from typing import Callable
 
 from protocol.messages import WGroupInfo, WPing, WStop
+from .logs import ids
 from .procs import Proc, Slot, exit_words, spawn
 from .states import LIVE, SERVING, WorkerState as S
 
 log = logging.getLogger("orchestrator.supervisor")
 
 HEALTHY_RESET = 30.0  # a slot ready this long has its consecutive-failure count (and backoff) reset
+# Silence before a process's first message is start-up (interpreter, imports), which takes seconds on a
+# loaded machine; heartbeat loss counts only after its hello, and a start that never says hello gets this.
+START_TIMEOUT = 60.0
 
 
 class Supervisor:
@@ -48,6 +52,7 @@ class Supervisor:
         slot.incarnation += 1
         slot.procs = []
         slot.capacity = 0
+        slot.group_info = None  # each incarnation rendezvouses anew
         slot.stop_reason = None
         slot.stop_deadline = None
         slot.set_state(S.STARTING)
@@ -56,7 +61,7 @@ class Supervisor:
             slot.procs.append(proc)
             self._watch(slot, proc)
         log.info("%s: started incarnation %d pid(s) %s devices %s", slot.name, slot.incarnation,
-                 [p.pid for p in slot.procs], ",".join(slot.spec.devices))
+                 [p.pid for p in slot.procs], ",".join(slot.spec.devices), extra=ids(slot))
 
     def _watch(self, slot: Slot, proc: Proc) -> None:
         self.by_id[proc.ctl_id] = (slot, proc)
@@ -76,18 +81,24 @@ class Supervisor:
 
     def on_hello(self, slot: Slot, proc: Proc) -> None:
         proc.hello = True
+        if slot.stop_reason:  # stopped while starting: the stop sent before it connected was dropped
+            self.send(proc.ctl_id, WStop(slot.stop_reason))
+            return
+        if proc.rank > 0 and slot.group_info is not None:  # it connected after rank 0 reported
+            self.send(proc.ctl_id, WGroupInfo(slot.group_info))
         if slot.state == S.STARTING and all(p.hello for p in slot.procs):
             slot.set_state(S.LOADING)
-            log.info("%s: loading", slot.name)
+            log.info("%s: loading", slot.name, extra=ids(slot))
 
     def on_ready(self, slot: Slot, proc: Proc, msg) -> None:
         proc.ready = True
         if proc.rank == 0:
             slot.capacity, slot.replay_safe, slot.info = msg.capacity, msg.replay_safe, msg.info or {}
-        if slot.state in (S.STARTING, S.LOADING) and all(p.ready for p in slot.procs):
+        if slot.state in (S.STARTING, S.LOADING) and all(p.ready for p in slot.procs) \
+                and not slot.stop_reason:  # a slot being stopped never serves again
             slot.set_state(S.READY)  # a TP group is ready only when every rank is
             slot.ready_at = time.monotonic()
-            log.info("%s: ready (capacity %d)", slot.name, slot.capacity)
+            log.info("%s: ready (capacity %d)", slot.name, slot.capacity, extra=ids(slot))
             self.on_change(slot)
 
     def on_heartbeat(self, proc: Proc, msg) -> None:
@@ -96,14 +107,16 @@ class Supervisor:
             proc.stats = msg.stats
 
     def on_fatal(self, slot: Slot, proc: Proc, msg) -> None:
-        log.error("%s: fatal %s: %s", proc.wid, msg.code, msg.message)
+        log.error("%s: fatal %s: %s", proc.wid, msg.code, msg.message, extra=ids(slot))
         self.fail(slot, f"{msg.code}: {msg.message.strip().splitlines()[-1] if msg.message else ''}",
                   code=msg.code)
 
     def on_group_report(self, slot: Slot, msg) -> None:
         """Relay rank 0's rendezvous info to the other ranks (no free-port race: rank 0 bound port 0)."""
+        slot.group_info = msg.info  # kept for a rank whose control socket connects later (on_hello)
         for p in slot.procs[1:]:
-            self.send(p.ctl_id, WGroupInfo(msg.info))
+            if p.hello:  # a ROUTER drops what it sends to a peer that has not connected yet
+                self.send(p.ctl_id, WGroupInfo(msg.info))
 
     def on_job_settled(self, slot: Slot) -> None:
         """A job left the slot: update BUSY/READY and finish a drain."""
@@ -124,9 +137,10 @@ class Supervisor:
             return
         if stuck:
             slot.set_state(S.STUCK)
+            log.warning("%s: stuck: %s", slot.name, reason, extra=ids(slot))
         slot.set_state(S.DEAD)
         slot.last_exit_reason = reason
-        log.warning("%s: down: %s", slot.name, reason)
+        log.warning("%s: down: %s", slot.name, reason, extra=ids(slot))
         self._kill_all(slot, reason)
         self.on_down(slot, reason, code)
         self.metrics.worker_restart(slot.spec.pool, slot.name)
@@ -145,7 +159,8 @@ class Supervisor:
             proc.exit_reason = reason
         tail = " | ".join(proc.log_tail[-3:])
         log.log(logging.INFO if slot.stop_reason else logging.WARNING, "%s pid %d exited: %s%s",
-                proc.wid, proc.pid, exit_words(proc.returncode), f" (last output: {tail})" if tail else "")
+                proc.wid, proc.pid, exit_words(proc.returncode), f" (last output: {tail})" if tail else "",
+                extra=ids(slot))
         if slot.state in LIVE and not (slot.stop_reason and proc.returncode == 0):
             self.fail(slot, reason)
         self._settle(slot)
@@ -161,7 +176,8 @@ class Supervisor:
                 self.on_down(slot, slot.stop_reason or "stopping", None)  # nothing may stay in flight
             if slot.state != S.STOPPED:
                 slot.set_state(S.STOPPED)
-                log.info("%s: stopped: %s", slot.name, slot.stop_reason or "coordinator stopping")
+                log.info("%s: stopped: %s", slot.name, slot.stop_reason or "coordinator stopping",
+                         extra=ids(slot))
             self.on_change(slot)
             return
         if slot.state == S.DEAD:
@@ -176,13 +192,14 @@ class Supervisor:
         if slot.consecutive_failures > cfg.max_restarts:
             slot.set_state(S.FAILED)
             log.error("%s: failed: restart budget (%d) spent; last exit: %s", slot.name,
-                      cfg.max_restarts, slot.last_exit_reason)
+                      cfg.max_restarts, slot.last_exit_reason, extra=ids(slot))
             self.on_change(slot)
             return
         delay = min(cfg.restart_backoff * 2 ** (slot.consecutive_failures - 1), cfg.restart_backoff_max)
         slot.restart_at = now + delay
         slot.set_state(S.RESTARTING)
-        log.info("%s: restarting in %.2f s (attempt %d)", slot.name, delay, slot.consecutive_failures)
+        log.info("%s: restarting in %.2f s (attempt %d)", slot.name, delay, slot.consecutive_failures,
+                 extra=ids(slot))
 
     # ------------------------------------------------------------------ output capture
 
@@ -236,7 +253,8 @@ class Supervisor:
     def _check_liveness(self, slot: Slot, now: float) -> None:
         for p in slot.procs:
             silent = now - p.last_seen
-            if p.alive and silent > self.cfg.hb_timeout:
+            limit = self.cfg.hb_timeout if p.hello else max(self.cfg.hb_timeout, START_TIMEOUT)
+            if p.alive and silent > limit:
                 self.fail(slot, f"heartbeat lost after {self.cfg.hb_timeout:.1f} s")
                 return
 
@@ -258,7 +276,7 @@ class Supervisor:
         slot.stop_reason = reason
         if slot.state in SERVING:
             slot.set_state(S.DRAINING)
-            log.info("%s: draining: %s", slot.name, reason)
+            log.info("%s: draining: %s", slot.name, reason, extra=ids(slot))
             self.on_job_settled(slot)
         else:
             self.stop_slot(slot, reason)
@@ -277,7 +295,7 @@ class Supervisor:
         self._send_stop(slot, reason)
 
     def _send_stop(self, slot: Slot, reason: str) -> None:
-        log.info("%s: stopping: %s", slot.name, reason)
+        log.info("%s: stopping: %s", slot.name, reason, extra=ids(slot))
         for p in slot.procs:
             if p.alive:
                 self.send(p.ctl_id, WStop(reason))

@@ -1,5 +1,7 @@
-"""Render `status` as aligned text tables for the CLI."""
+"""Render `status` as aligned text tables for the CLI (`orchestrator status`)."""
 from __future__ import annotations
+
+GiB, MiB = 2**30, 2**20
 
 
 def _fmt(v) -> str:
@@ -17,25 +19,33 @@ def _table(headers: list, rows: list) -> str:
 
 
 def _gpu_mem(w: dict) -> str:
-    mems = w.get("gpu_memory") or []
-    return " ".join(f"{m['device']}:{m['used_bytes'] / 2**30:.1f}/{m['total_bytes'] / 2**30:.0f}G"
-                    for m in mems) or "-"
+    """used/total per device, e.g. `0:12.3/80G 1:0.4/80G`."""
+    return " ".join(f"{m['device']}:{m['used_bytes'] / GiB:.1f}/{m['total_bytes'] / GiB:.0f}G"
+                    for m in w.get("gpu_memory") or []) or "-"
+
+
+def _rss(w: dict) -> str:
+    return "-" if w.get("rss_bytes") is None else f"{w['rss_bytes'] / MiB:.0f}M"
+
+
+def _pool_rows(st: dict) -> list:
+    return [[name, p["handler"], p["tp"], p["health"], p["desired"], p["queue_depth"], p["inflight"],
+             p["completed"], p["failed"], p["throughput_1m"]] for name, p in st["pools"].items()]
+
+
+def _worker_row(w: dict) -> list:
+    return [w["name"], w["state"], ",".join(w["devices"]), ",".join(map(str, w["pids"])) or "-",
+            f"{w['inflight']}/{w['capacity']}", w["completed"], w["failed"], w["restarts"],
+            w["heartbeat_age"], w["step_age"], _rss(w), _gpu_mem(w), w["last_exit_reason"]]
 
 
 def render_status(st: dict) -> str:
+    """A header line, a pool table and a worker table (one row per worker slot)."""
     out = [f"coordinator {st['state']}  endpoint {st['endpoint']}  pid {st['pid']}  "
            f"uptime {st['uptime']:.0f}s  unfinished {st['jobs_unfinished']}"]
-    pool_rows = [[name, p["handler"], p["tp"], p["health"], p["desired"], p["queue_depth"], p["inflight"],
-                  p["completed"], p["failed"], p["throughput_1m"]] for name, p in st["pools"].items()]
     out += ["", _table(["POOL", "HANDLER", "TP", "HEALTH", "DESIRED", "QUEUED", "INFLIGHT", "DONE",
-                        "FAILED", "JOBS/S(1m)"], pool_rows)]
-    rows = []
-    for p in st["pools"].values():
-        for w in p["workers"]:
-            rows.append([w["name"], w["state"], ",".join(w["devices"]),
-                         ",".join(map(str, w["pids"])) or "-", f"{w['inflight']}/{w['capacity']}",
-                         w["completed"], w["failed"], w["restarts"], w["heartbeat_age"], w["step_age"],
-                         _gpu_mem(w), w["last_exit_reason"]])
+                        "FAILED", "JOBS/S(1m)"], _pool_rows(st))]
+    rows = [_worker_row(w) for p in st["pools"].values() for w in p["workers"]]
     out += ["", _table(["WORKER", "STATE", "DEVICES", "PIDS", "JOBS", "DONE", "FAILED", "RESTARTS",
-                        "HB_AGE", "STEP_AGE", "GPU_MEM", "LAST_EXIT"], rows)]
+                        "HB_AGE", "STEP_AGE", "RSS", "GPU_MEM(used/total)", "LAST_EXIT"], rows)]
     return "\n".join(out)

@@ -27,6 +27,11 @@ class Limits:
     max_map_len: int = 100_000  # keys in one map
 
 
+# Coordinator <-> worker traffic: a private 0700 ipc socket whose inputs already passed the client
+# limits. A result may be larger than its request, so only msgpack's own format caps apply.
+INTERNAL_LIMITS = Limits(2**62, 2**32 - 1, 2**32 - 1, 2**32 - 1, 2**32 - 1)
+
+
 @dataclass(frozen=True, slots=True)
 class NDArray:
     """A dense array on the wire: raw little-endian bytes plus dtype and shape (never a list of floats).
@@ -47,7 +52,7 @@ class NDArray:
     def from_numpy(cls, array) -> "NDArray":
         import numpy as np
 
-        a = np.ascontiguousarray(array)
+        a = np.asarray(array, order="C")  # not ascontiguousarray: it turns 0-d into shape (1,)
         if a.dtype.byteorder == ">":
             a = a.astype(a.dtype.newbyteorder("<"))
         return cls(a.dtype.name, tuple(a.shape), a.tobytes())
@@ -73,6 +78,23 @@ def _array_hook(d: dict) -> Any:
         if isinstance(dtype, str) and isinstance(shape, list) and isinstance(data, bytes):
             return NDArray(dtype, tuple(shape), data)
     return d
+
+
+def peek_id(raw: bytes, max_keys: int = 8):
+    """The request id of a message too large to decode, or None: reads only keys up to "id" and skips
+    values unbuilt, so that the `too_large` reply still reaches the job that caused it."""
+    unpacker = msgpack.Unpacker(raw=False, max_str_len=64, max_bin_len=64, max_array_len=0,
+                                max_map_len=0, max_ext_len=0, max_buffer_size=len(raw) + 1)
+    try:
+        unpacker.feed(raw)
+        for _ in range(min(unpacker.read_map_header(), max_keys)):
+            if unpacker.unpack() == "id":
+                rid = unpacker.unpack()
+                return rid if isinstance(rid, (int, str, bytes)) and not isinstance(rid, bool) else None
+            unpacker.skip()
+    except Exception:  # garbage or an odd id: the reply goes out with a null id
+        return None
+    return None
 
 
 class Codec:
@@ -104,12 +126,13 @@ class Codec:
         """Bytes -> the raw map, enforcing limits; raises MalformedMessage or MessageTooLarge."""
         if len(raw) > self.limits.max_message_bytes:
             raise MessageTooLarge(
-                f"message of {len(raw)} bytes exceeds max_message_bytes={self.limits.max_message_bytes}"
+                f"message of {len(raw)} bytes exceeds max_message_bytes={self.limits.max_message_bytes}",
+                peek_id(raw),
             )
         try:
             d = msgpack.unpackb(raw, **self._unpack_kw)
         except ValueError as e:
-            if "exceeds max_" in str(e):
+            if "exceeds max_" in str(e) and "max_ext_len" not in str(e):  # ext types are refused
                 raise MessageTooLarge(f"message field too large: {e}") from None
             raise MalformedMessage(f"undecodable message: {e}") from None
         except Exception as e:  # msgpack raises several types for garbage (ExtraData, FormatError...)
@@ -121,9 +144,9 @@ class Codec:
     @staticmethod
     def from_dict(d: dict) -> Message:
         rid = d.get("id")
-        rid = rid if isinstance(rid, (int, str)) and not isinstance(rid, bool) else None
+        rid = rid if isinstance(rid, (int, str, bytes)) and not isinstance(rid, bool) else None
         v = d.get("v")
-        if v != PROTOCOL_VERSION:
+        if type(v) is not int or v != PROTOCOL_VERSION:  # True and 1.0 equal 1 in Python
             raise UnsupportedVersion(f"protocol version {v!r} not supported (server speaks "
                                      f"{PROTOCOL_VERSION})", rid)
         op = d.get("op")

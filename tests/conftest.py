@@ -39,6 +39,7 @@ class Server:
         self.proc: subprocess.Popen | None = None
         self.address: str | None = None
         self._clients: list[Client] = []
+        self._status_client: Client | None = None  # one reused client for status polling loops
 
     def start(self, ready: bool = True, timeout: float = 60.0) -> "Server":
         self._log = open(self.log_path, "wb")
@@ -73,7 +74,9 @@ class Server:
             return []
 
     def status(self) -> dict:
-        return self.client().status()
+        if self._status_client is None:
+            self._status_client = self.client()
+        return self._status_client.status()
 
     def workers(self, pool: str) -> list[dict]:
         return self.status()["pools"][pool]["workers"]

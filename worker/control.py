@@ -84,7 +84,7 @@ class ControlThread(threading.Thread):
             now = time.monotonic()
             if now >= next_hb:
                 self._check_orphan(now - last_coord, coord_timeout)
-                stats = self.stats_fn() if beats % 4 == 0 else None
+                stats = self._stats() if beats % 4 == 0 else None
                 sock.send(self.codec.encode(WHeartbeat(
                     self.spec["wid"], self.spec["incarnation"], self.progress.age(), stats)))
                 beats += 1
@@ -92,6 +92,15 @@ class ControlThread(threading.Thread):
             if sock.poll(max(1, int((next_hb - time.monotonic()) * 1000))):
                 last_coord = time.monotonic()
                 self._on_message(sock.recv())
+
+    def _stats(self) -> dict | None:
+        """Stats are optional; liveness is not. A failing probe (e.g. torch half-imported by the
+        compute thread) must never end this thread, or the heartbeats stop and the worker is killed."""
+        try:
+            return self.stats_fn()
+        except Exception as e:
+            log.debug("device stats unavailable: %s", e)
+            return None
 
     def _check_orphan(self, silent_for: float, coord_timeout: float) -> None:
         if os.getppid() != self.spec["parent_pid"]:

@@ -15,7 +15,9 @@ from collections import deque
 import zmq
 
 from protocol import Codec, JobError
+from protocol.codec import INTERNAL_LIMITS
 from protocol.messages import WChunk, WError, WReady, WResult, WRun
+from worker.guard import GroupError
 from worker.handler import EngineHandler, EventSink, Handler, Job
 
 log = logging.getLogger("worker.runtime")
@@ -27,6 +29,34 @@ def short_traceback(exc: BaseException, limit: int = 6) -> str:
     """The last frames of a traceback: enough to find the bug, small enough for one reply."""
     lines = traceback.format_exception(type(exc), exc, exc.__traceback__, limit=-limit)
     return "".join(lines)[-4000:]
+
+
+class HandlerErrors:
+    """Turns a handler's exception into the job's error reply. A handler's own bug (anything but a
+    JobError) is also logged with its full traceback on stderr, which the coordinator captures and
+    prefixes with this worker's id: the traceback lands in the server log, not only in the client's
+    short reply. One traceback per exception object (a failed batch is one bug, not one per job) and
+    at most `per_second`, so a handler failing every job cannot flood the log."""
+
+    def __init__(self, per_second: int = 10):
+        self.per_second = per_second
+        self.window, self.count, self.last = 0, 0, None
+
+    def reply(self, jid: int, exc: BaseException) -> WError:
+        if not isinstance(exc, JobError) and exc is not self.last:
+            self.last = exc
+            self._log(jid, exc)
+        return WError(jid, *outcome_error(exc))
+
+    def _log(self, jid: int, exc: BaseException) -> None:
+        now = int(time.monotonic())
+        if now != self.window:
+            self.window, self.count = now, 0
+        self.count += 1
+        if self.count <= self.per_second:
+            log.error("job %d: handler raised %s", jid, type(exc).__name__, exc_info=exc)
+        elif self.count == self.per_second + 1:
+            log.error("more handler errors this second: their tracebacks are not logged")
 
 
 def outcome_error(exc: BaseException) -> tuple[str, str]:
@@ -60,12 +90,14 @@ class ComputeLoop:
         self.zctx, self.spec, self.handler = zctx, spec, handler
         self.control, self.progress = control, progress
         self.cancelled: set = control.cancelled
-        self.codec = Codec(arrays=True)
+        self.codec = Codec(INTERNAL_LIMITS, arrays=True)  # the coordinator applied the client limits
         self.pending: deque[Job] = deque()
         self.wakeup = Wakeup()
         self.sock: zmq.Socket | None = None
         self.engine = isinstance(handler, EngineHandler)
         self.active: set[int] = set()  # engine jobs added and not yet ended
+        self.errors = HandlerErrors()
+        self.group = handler.ctx.group  # TP: this rank's worker.tp.GroupRuntime (rank 0 leads), else None
 
     def start(self) -> None:
         self.control.set_wake(self.wakeup.set)
@@ -74,6 +106,8 @@ class ComputeLoop:
         self.handler.ctx.progress = self.progress
         self.sock = self._connect()  # before load, so that a load failure can be reported on it
         self.progress.begin()  # loading counts as a step: a hung load is caught by the watchdog
+        if self.group is not None:
+            self.group.start(self.send)  # rendezvous first: a TP model loads into its group
         self.handler.load()
         self.progress.end()
         spec, h = self.spec, self.handler
@@ -108,7 +142,11 @@ class ComputeLoop:
                 self._engine_turn()
             else:
                 self._sync_turn()
+            if self.group is not None:
+                self.group.raise_if_failed()  # a failure seen on an engine thread ends the worker here
         self._finish_on_stop()
+        if self.group is not None:
+            self.group.broadcast_stop(self.control.stop_reason)
 
     def _receive(self) -> None:
         while True:
@@ -142,7 +180,11 @@ class ComputeLoop:
         self.progress.begin()
         start = time.perf_counter()
         try:
+            if self.group is not None:
+                self.group.broadcast_batch(batch)  # first, so that every rank runs the same batch
             outcomes = self.handler.run_batch(batch)
+        except GroupError:
+            raise  # the group cannot go on: the worker reports it and the coordinator restarts the group
         except Exception as e:  # a batch-level failure fails each of its jobs, not the worker
             outcomes = [e] * len(batch)
         run_ms = (time.perf_counter() - start) * 1000 / len(batch)
@@ -151,9 +193,10 @@ class ComputeLoop:
         self.progress.end()
 
     def _deliver(self, job: Job, outcome, run_ms: float) -> None:
+        if isinstance(outcome, GroupError):
+            raise outcome  # not this job's error: the group failed (its jobs are retried elsewhere)
         if isinstance(outcome, BaseException):
-            code, message = outcome_error(outcome)
-            self._end(job.jid, WError(job.jid, code, message))
+            self._end(job.jid, self.errors.reply(job.jid, outcome))
         elif isinstance(outcome, types.GeneratorType):
             self._stream(job, outcome)
         else:
@@ -172,9 +215,10 @@ class ComputeLoop:
                     self.send(WChunk(job.jid, chunk))
         except StopIteration as stop:
             self._end(job.jid, WResult(job.jid, stop.value, (time.perf_counter() - start) * 1000))
+        except GroupError:
+            raise
         except Exception as e:
-            code, message = outcome_error(e)
-            self._end(job.jid, WError(job.jid, code, message))
+            self._end(job.jid, self.errors.reply(job.jid, e))
 
     def _end(self, jid: int, msg) -> None:
         self.send(msg)
@@ -203,8 +247,7 @@ class ComputeLoop:
         try:
             self.handler.add(job)
         except Exception as e:
-            code, message = outcome_error(e)
-            self._end(job.jid, WError(job.jid, code, message))
+            self._end(job.jid, self.errors.reply(job.jid, e))
             return
         self.active.add(job.jid)
 
@@ -224,5 +267,7 @@ class ComputeLoop:
         try:
             self.handler.close()
         finally:
+            if self.group is not None:
+                self.group.close()
             if self.sock is not None:
                 self.sock.close()

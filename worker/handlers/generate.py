@@ -16,6 +16,12 @@ greedy manager (token for token equal to `model.generate(do_sample=False)`); sam
 manager, started on the first sampled request, with per-request temperature/top_k/top_p
 (`per_request_processors`). CB draws every sample of a batch from one generator, so a per-request "seed"
 cannot make sampling reproducible: a sampled request with a seed is rejected rather than silently ignored.
+
+With tp > 1 the handler runs on every rank of a TP group (worker/tp.py): the model loads with tp_plan="auto"
+into the group's process group, rank 0 is CB's TP driver (it alone receives jobs; CB broadcasts new requests
+to the other ranks inside its loop), every forward passes the collective guard (a forward pre-hook), the
+engine runs without CUDA graphs (a replay would skip the hook), greedy only, and an engine failure restarts
+the whole group instead of failing its jobs one by one. transformers needs `accelerate` to load with a TP plan.
 """
 from __future__ import annotations
 
@@ -24,6 +30,7 @@ import threading
 from dataclasses import dataclass
 
 from protocol.errors import CANCELLED, HANDLER_ERROR, INVALID_INPUT, JobError
+from worker.guard import GroupError
 from worker.handler import EngineHandler, Job, check
 
 CONFIG_KEYS = frozenset({
@@ -291,13 +298,15 @@ class GenerateHandler(EngineHandler):
     # ------------------------------------------------------------------------------------ lifecycle
 
     def load(self) -> None:
-        if self.ctx.world_size > 1:
-            raise JobError(HANDLER_ERROR, f"generate: tensor parallelism (world_size={self.ctx.world_size}) "
-                                          "is not supported by this handler yet; use one device per worker")
         from transformers import AutoTokenizer
 
         self.tokenizer = AutoTokenizer.from_pretrained(self.config["model"])
         self.model = self._load_model()
+        if self.ctx.world_size > 1:
+            from worker.guard import install_guard
+
+            # Every forward of every rank, those inside the CB engine included, is cross-checked first.
+            install_guard(self.model, self.ctx.group.guard, on_fail=self.ctx.group.fail)
         self.limits = self._limits()
         self._eos = self._model_eos()
         self._greedy = self._start_engine("greedy", sample=False)
@@ -308,8 +317,12 @@ class GenerateHandler(EngineHandler):
         kwargs = {"dtype": self._dtype(), "attn_implementation": self.config.get("attn_implementation", "sdpa")}
         if self.config.get("device_map") is not None:
             kwargs["device_map"] = self.config["device_map"]
+        if self.ctx.world_size > 1:
+            # The group's process group exists (worker.tp rendezvoused before load): shard the model over it.
+            # Each rank then drives cuda:<rank> (LOCAL_RANK) or the CPU; transformers needs `accelerate` here.
+            kwargs.update(tp_plan="auto", tp_size=self.ctx.world_size)
         model = AutoModelForCausalLM.from_pretrained(self.config["model"], **kwargs)
-        if "device_map" not in kwargs:
+        if "device_map" not in kwargs and self.ctx.world_size == 1:
             model = model.to(self.ctx.device)
         return model.eval()
 
@@ -355,6 +368,8 @@ class GenerateHandler(EngineHandler):
         return engine
 
     def _cb_config(self, sample: bool) -> dict:
+        from transformers import ContinuousBatchingConfig
+
         cb = dict(self.config.get("cb") or {})
         if "max_batch_tokens" in self.config:
             cb["max_batch_tokens"] = int(self.config["max_batch_tokens"])
@@ -365,6 +380,8 @@ class GenerateHandler(EngineHandler):
             cb.setdefault("num_blocks", -(-tokens // CB_PAGE_TOKENS))
             cb.setdefault("max_batch_tokens", CPU_MAX_BATCH_TOKENS)
         cb["per_request_processors"] = sample
+        if self.ctx.world_size > 1 and _accepts(ContinuousBatchingConfig, "use_cuda_graph"):
+            cb.setdefault("use_cuda_graph", False)  # graph replays run no Python: they would skip the guard
         return cb
 
     def info(self) -> dict:
@@ -403,6 +420,10 @@ class GenerateHandler(EngineHandler):
             raise
 
     def _engine_for(self, req: Request) -> _Engine:
+        # With TP every engine step is a collective of all ranks, and rank 0 alone would start the sampling
+        # engine (on its first sampled request): its ranks would never meet.
+        check(req.sampling is None or self.ctx.world_size == 1,
+              f"sampling is not supported with tp={self.ctx.world_size} (greedy only): send do_sample false")
         if req.sampling is not None and self._sampler is None:
             self._sampler = self._start_engine("sample", sample=True)
         engine = self._greedy if req.sampling is None else self._sampler
@@ -444,6 +465,9 @@ class GenerateHandler(EngineHandler):
             self._fail(gen, f"{type(e).__name__}: {e}")
 
     def _advance(self, gen: _Gen, out) -> None:
+        if out.error is not None and self.ctx.group is not None:  # TP: the group restarts, the job is retried
+            self.ctx.group.fail(GroupError(f"rank {self.ctx.rank}: generation failed: {out.error}"))
+            return
         if out.error is not None:
             self._fail(gen, f"generation failed: {out.error}")
             return
@@ -486,8 +510,19 @@ class GenerateHandler(EngineHandler):
                 self.ctx.sink.error(gen.jid, HANDLER_ERROR, message)
 
     def _on_engine_exit(self, engine: _Engine) -> None:
-        """The engine thread died (a fatal error inside transformers): fail the jobs it held."""
+        """The engine thread died (a fatal error inside transformers): fail the jobs it held (with TP: the
+        whole group restarts and its jobs are retried)."""
+        if self.ctx.group is not None:
+            self.ctx.group.fail(GroupError(f"rank {self.ctx.rank}: the {engine.name} engine stopped unexpectedly"))
+            return
         with self._lock:
             lost = [g for g in self._jobs.values() if g.engine is engine]
         for gen in lost:
             self._fail(gen, f"the {engine.name} generation engine stopped unexpectedly")
+
+
+def _accepts(cls, name: str) -> bool:
+    """Whether a config class takes keyword `name` (transformers' CB config gains fields between releases)."""
+    import inspect
+
+    return name in inspect.signature(cls).parameters

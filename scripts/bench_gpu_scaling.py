@@ -1,0 +1,248 @@
+#!/usr/bin/env python
+"""GPU scaling (issue 8). Device tool: nvidia-h200-x4 (also runs on x2 with --gpus 1,2).
+
+One model and one workload in every mode: a random-weight Llama of about 0.87B parameters in bf16
+(16 layers x 2048, built here and saved with save_pretrained), greedy, `--new-tokens` per request,
+prompts of `--prompt-len` random ids, `--concurrency` requests per GPU. Every mode runs the same
+pattern: an untimed warm-up wave, then `--waves` timed waves, each a wave of `concurrency` distinct
+prompts per GPU submitted at once and awaited in full. One generation engine everywhere: transformers
+continuous batching (CB) with one explicit engine config (KV blocks, token budget, batch size), so
+that no mode sizes its cache from free memory.
+
+  orchestrator N  `orchestrator serve`, one generate worker per GPU on GPUs 0..N-1, capacity =
+                  concurrency; the client submits N x concurrency jobs per wave. Inside each worker the
+                  handler runs one CB manager, started once (`init_continuous_batching`).
+  in-process      GPU 0, in a process of its own, two ways: "CB manager" (one manager started once and
+                  fed request by request, exactly as the worker drives it: the strict baseline that the
+                  ratios use) and `generate_batch(..., persistent_manager=True)`, one call per wave (the
+                  public one-call API; each call also starts and stops the engine thread).
+  threads N       N models on GPUs 0..N-1 in one process, one thread each running the same waves on its
+                  own CB manager (the in-process method). If that fails (the seed-000 failure mode), the
+                  error is reported and the threads run again with plain `model.generate` on a static
+                  batch (same prompts and token counts); the table names the method used.
+
+Output: tok/s per mode; scaling efficiency (N workers / (N x 1 worker)); ratio to in-process
+(N workers / (N x in-process)); orchestrator N vs threads N; cold start (serve launch until all N
+workers are READY) against one worker. Goals: efficiency >= 0.97 at N = 2 and 4; 1 worker >= 0.98 x
+in-process; orchestrator N=4 >= 4x threads N=4; cold start N / cold start 1 <= 1.2.
+Writes JSON to --out and $OUT/bench_gpu_scaling.json. `--smoke`: tiny CPU run of the plumbing.
+
+  PYTHONPATH=$PWD python scripts/bench_gpu_scaling.py --gpus 1,2,4 --out docs/bench_results/gpu_scaling.json
+"""
+import os
+
+for _k, _v in {"NCCL_NVLS_ENABLE": "0", "TORCH_SYMM_MEM_DISABLE_MULTICAST": "1",
+               "NVSHMEM_DISABLE_NVLS": "1"}.items():
+    os.environ.setdefault(_k, _v)  # before anything can start CUDA; every child inherits them
+
+import argparse  # noqa: E402
+import sys  # noqa: E402
+import tempfile  # noqa: E402
+import time  # noqa: E402
+from pathlib import Path  # noqa: E402
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from _bench_common import (  # noqa: E402
+    Serve, Steps, fmt_table, make_prompts, orch_waves, require_gpus, run_role, split_waves,
+    write_json, write_pools_toml,
+)
+
+ARCH = dict(hidden_size=2048, num_hidden_layers=16, num_attention_heads=16, num_key_value_heads=8,
+            intermediate_size=5504, vocab_size=32000, max_position_embeddings=2048)  # ~0.87B
+TINY = dict(hidden_size=64, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+            intermediate_size=128, vocab_size=1000, max_position_embeddings=512)
+
+
+def engine_config(concurrency: int, prompt_len: int, new_tokens: int, smoke: bool) -> dict:
+    """KV blocks for every in-flight request twice over, and a prefill budget for one whole wave."""
+    per_request = -(-(prompt_len + new_tokens) // 256)
+    return {"num_blocks": 2 * concurrency * per_request + 8,
+            "max_batch_tokens": 256 if smoke else max(512, min(8192, concurrency * prompt_len)),
+            "max_requests_per_batch": max(64, concurrency)}
+
+
+class Bench:
+    def __init__(self, args):
+        self.args, self.smoke = args, args.smoke
+        self.dtype = "float32" if args.smoke else "bfloat16"
+        self.arch = TINY if args.smoke else ARCH
+        self.cb = engine_config(args.concurrency, args.prompt_len, args.new_tokens, args.smoke)
+        self.work = tempfile.mkdtemp(prefix="bench-gpu-scaling-")
+        n_max, c, w = max(args.gpus), args.concurrency, args.waves
+        # Per GPU index: its own warm-up wave and timed waves; GPU g sees the same prompts in every mode.
+        prompts = make_prompts(n_max * c * (w + 1), args.prompt_len, self.arch["vocab_size"], seed=11)
+        per_gpu = [prompts[g * c * (w + 1):(g + 1) * c * (w + 1)] for g in range(n_max)]
+        self.warm = [p[:c] for p in per_gpu]
+        self.timed = [split_waves(p[c:], c) for p in per_gpu]
+        self.model = None
+
+    # -------------------------------------------------------------------------------- environment
+
+    def devices(self, n: int) -> str:
+        return f"cpu:{n}" if self.smoke else ",".join(str(g) for g in range(n))
+
+    def role_env(self, n: int) -> tuple[dict, list]:
+        if self.smoke:
+            return {"CUDA_VISIBLE_DEVICES": ""}, ["cpu"] * n
+        return ({"CUDA_VISIBLE_DEVICES": ",".join(str(g) for g in range(n)), "CUDA_DEVICE_ORDER": "PCI_BUS_ID"},
+                [f"cuda:{g}" for g in range(n)])
+
+    # -------------------------------------------------------------------------------------- modes
+
+    def build(self) -> dict:
+        env, devices = self.role_env(1)
+        spec = {"device": devices[0], "models": [{"path": os.path.join(self.work, "llama"), "arch": self.arch,
+                                                  "seed": 0, "dtype": self.dtype}]}
+        info = run_role("build", spec, env, self.args.timeout)["models"][0]
+        self.model = info.pop("path")
+        return info
+
+    def orchestrator(self, n: int) -> dict:
+        """n workers, one per GPU; the wave for each step holds `concurrency` prompts per GPU."""
+        from orchestrator import Client
+
+        a = self.args
+        cfg = write_pools_toml(os.path.join(self.work, f"orch{n}.toml"), {"gen": {
+            "handler": "generate", "devices": self.devices(n), "capacity": a.concurrency, "max_restarts": 0,
+            "config": {"model": self.model, "dtype": self.dtype, "cb": self.cb, "capacity": a.concurrency,
+                       "max_new_tokens_cap": max(64, a.new_tokens)}}})
+        waves = [sum((self.timed[g][k] for g in range(n)), []) for k in range(a.waves)]
+        with Serve(["--config", cfg]).start(timeout=a.timeout) as serve, Client(serve.address) as c:
+            orch_waves(c, "gen", [sum(self.warm[:n], [])], a.new_tokens, a.timeout)
+            run = orch_waves(c, "gen", waves, a.new_tokens, a.timeout)
+            served = {w["name"]: w["completed"] for w in c.status()["pools"]["gen"]["workers"]}
+        return {"n": n, "cold_start_s": serve.ready_s, "seconds": run["seconds"], "tokens": run["tokens"],
+                "tok_s": run["tokens"] / run["seconds"], "served": served}
+
+    def inproc(self) -> dict:
+        env, devices = self.role_env(1)
+        spec = {"model": self.model, "dtype": self.dtype, "device": devices[0], "new_tokens": self.args.new_tokens,
+                "cb": self.cb, "warmup": [self.warm[0]], "runs": {"timed": self.timed[0]},
+                "methods": ["manager", "generate_batch"]}
+        out = run_role("inproc", spec, env, self.args.timeout)
+        res = {"n": 1, "load_s": out["load_s"]}
+        for method in ("manager", "generate_batch"):
+            run = out[method]["timed"]
+            res[method] = {"seconds": run["seconds"], "tokens": run["tokens"], "tok_s": run["tokens"] / run["seconds"]}
+        res["tok_s"] = res["manager"]["tok_s"]  # the stricter baseline: the engine a worker runs
+        return res
+
+    def threads(self, n: int) -> dict:
+        env, devices = self.role_env(n)
+        # Per thread (= per GPU): its warm-up waves and its timed waves, as in the other modes.
+        spec = {"model": self.model, "dtype": self.dtype, "devices": devices, "new_tokens": self.args.new_tokens,
+                "cb": self.cb, "warmup": [[w] for w in self.warm[:n]], "timed": self.timed[:n]}
+        tried = []
+        for method in ("manager", "generate"):
+            try:
+                out = run_role("threads", {**spec, "method": method}, env, self.args.timeout)
+            except Exception as e:  # a hang or a crash of the whole process: try the next method
+                out = {"errors": [f"{type(e).__name__}: {str(e)[-800:]}"]}
+            tried.append({"method": method, "errors": out["errors"]})
+            if not out["errors"]:
+                return {"n": n, "method": method, "seconds": out["seconds"], "tokens": out["tokens"],
+                        "tok_s": out["tokens"] / out["seconds"], "tried": tried}
+            print(f"  threads x{n} with {method} failed: {out['errors'][:2]}", flush=True)
+        raise RuntimeError(f"threads x{n}: every method failed: {tried}")
+
+
+def summarize(res: dict, gpus: list) -> tuple[str, dict]:
+    orch, thr, inp = res["orchestrator"], res["threads"], res.get("inproc")
+    one = orch.get("1")
+    rows, goals = [], {}
+    if inp:
+        rows.append(["in-process, CB manager", 1, f"{inp['tok_s']:,.0f}", "", "1.000", "", "", ""])
+        gb = inp["generate_batch"]["tok_s"]
+        rows.append(["in-process, generate_batch", 1, f"{gb:,.0f}", "", _f(gb / inp["tok_s"]), "", "", ""])
+    for n in gpus:
+        o = orch.get(str(n))
+        if o:
+            eff = o["tok_s"] / (n * one["tok_s"]) if one else None
+            vs_in = o["tok_s"] / (n * inp["tok_s"]) if inp else None
+            cold = o["cold_start_s"] / one["cold_start_s"] if one else None
+            rows.append([f"orchestrator, {n} worker(s)", n, f"{o['tok_s']:,.0f}", _f(eff), _f(vs_in), "",
+                         f"{o['cold_start_s']:.1f}", _f(cold)])
+            if n > 1 and eff is not None:
+                goals[f"efficiency_{n}"] = (eff, ">= 0.97", eff >= 0.97)
+                goals[f"cold_start_{n}_vs_1"] = (cold, "<= 1.2", cold <= 1.2)
+            if n == 1 and vs_in is not None:
+                goals["orch_1_vs_inproc"] = (vs_in, ">= 0.98", vs_in >= 0.98)
+        t = thr.get(str(n))
+        if t:
+            vs_thr = o["tok_s"] / t["tok_s"] if o else None
+            rows.append([f"threads ({t['method']}), {n}", n, f"{t['tok_s']:,.0f}", "",
+                         _f(t["tok_s"] / (n * inp["tok_s"]) if inp else None), _f(vs_thr), "", ""])
+            if n == max(gpus) and vs_thr is not None:
+                goals[f"orch_{n}_vs_threads_{n}"] = (vs_thr, ">= 4", vs_thr >= 4)
+    table = fmt_table(["mode", "GPUs", "tok/s", "efficiency", "vs N x in-proc", "orch / threads",
+                       "cold start s", "cold vs 1"], rows)
+    lines = [table, ""] + [f"goal {k}: {v[0]:.3f} (target {v[1]}) {'PASS' if v[2] else 'MISS'}"
+                           for k, v in goals.items()]
+    return "\n".join(lines), {k: {"value": v[0], "target": v[1], "passed": v[2]} for k, v in goals.items()}
+
+
+def _f(v) -> str:
+    return "" if v is None else f"{v:.3f}"
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--gpus", type=lambda v: sorted({int(x) for x in v.split(",")}), default=[1, 2, 4],
+                   help="worker counts to run, e.g. 1,2,4 (1 is always added: it is the reference)")
+    p.add_argument("--new-tokens", type=int, default=128)
+    p.add_argument("--prompt-len", type=int, default=64)
+    p.add_argument("--concurrency", type=int, default=16, help="requests in flight per GPU")
+    p.add_argument("--waves", type=int, default=3, help="timed waves per mode")
+    p.add_argument("--skip", default="", help="comma-separated: orchestrator,inproc,threads")
+    p.add_argument("--timeout", type=float, default=240, help="seconds per server start or baseline")
+    p.add_argument("--budget", type=float, default=420,
+                   help="seconds after which no further mode is started (default 420)")
+    p.add_argument("--smoke", action="store_true", help="tiny CPU run of the plumbing (no GPU)")
+    p.add_argument("--out", help="JSON results file (also $OUT/bench_gpu_scaling.json)")
+    args = p.parse_args(argv)
+    if args.smoke:
+        args.new_tokens, args.prompt_len, args.concurrency, args.waves = 4, 8, 2, 1
+    args.gpus = sorted(set(args.gpus) | {1})
+    if not args.smoke:
+        require_gpus(max(args.gpus), "bench_gpu_scaling")
+    started = time.time()
+    bench, steps = Bench(args), Steps(args.budget)
+    res: dict = {"date": time.strftime("%Y-%m-%d %H:%M:%S"), "command": " ".join(sys.argv), "args": vars(args),
+                 "engine": bench.cb, "orchestrator": {}, "threads": {}}
+    res["model"] = steps.run("build model", bench.build)
+    plan = []
+    if res["model"]:
+        if "orchestrator" not in args.skip:
+            plan += [("orchestrator", str(n), f"orchestrator x{n}", bench.orchestrator, (n,)) for n in args.gpus]
+        if "inproc" not in args.skip:
+            plan.append(("inproc", None, "in-process (CB manager, generate_batch)", bench.inproc, ()))
+        if "threads" not in args.skip:
+            plan += [("threads", str(n), f"threads x{n}", bench.threads, (n,)) for n in args.gpus if n > 1]
+    for kind, key, name, fn, fargs in plan:
+        r = steps.run(name, fn, *fargs)
+        if r is None:
+            continue
+        print(f"  -> {name}: {r['tok_s']:,.0f} tok/s" + (f", cold start {r['cold_start_s']:.1f} s"
+                                                          if "cold_start_s" in r else ""), flush=True)
+        if key is None:
+            res[kind] = r
+        else:
+            res[kind][key] = r
+        write_json({**res, "errors": steps.errors, "partial": True}, args.out, "bench_gpu_scaling.json")
+    table, goals = summarize(res, args.gpus)
+    res.update(goals=goals, errors=steps.errors, seconds=round(time.time() - started, 1))
+    m = res.get("model") or {}
+    print()
+    print(f"bench_gpu_scaling  {res['date']}  {'SMOKE (CPU)' if args.smoke else 'GPU'}  {res['seconds']:.0f} s  "
+          f"model {m.get('params', 0) / 1e9:.2f}B {m.get('dtype', '')}  concurrency {args.concurrency}/GPU  "
+          f"{args.new_tokens} new tokens  prompt {args.prompt_len}  {args.waves} waves")
+    print(table)
+    for name, err in steps.errors.items():
+        print(f"ERROR in {name}: {err[-600:]}")
+    for path in write_json(res, args.out, "bench_gpu_scaling.json"):
+        print(f"wrote {path}")
+    return 0 if not steps.errors else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,77 @@
+"""Handlers that only the supervision tests load, by path: ``--handler tests.handlers_for_tests:Name``.
+
+Workers import them because the coordinator puts the repository root on their PYTHONPATH.
+"""
+from __future__ import annotations
+
+import os
+import time
+
+from worker.handler import Handler, Job
+
+
+class CrashOnDemand(Handler):
+    """Echoes its input; input {"crash": true} ends the process with exit code 13 (a poison job)."""
+
+    capacity = 2
+
+    def run(self, job: Job):
+        if isinstance(job.input, dict) and job.input.get("crash"):
+            os._exit(13)
+        return {"echo": job.input, "pid": os.getpid()}
+
+
+class _StreamThenHang(Handler):
+    """Streams one chunk (naming its pid), then on the first attempt only hangs until killed.
+
+    The first attempt is told apart by a marker file named in the input (created atomically), so a
+    replayed attempt finishes with a result instead of hanging again.
+    """
+
+    def run(self, job: Job):
+        return self._stream(job)
+
+    @staticmethod
+    def _stream(job: Job):
+        yield {"pid": os.getpid()}
+        try:
+            os.close(os.open(job.input["marker"], os.O_CREAT | os.O_EXCL | os.O_WRONLY))
+            first_attempt = True
+        except FileExistsError:
+            first_attempt = False
+        while first_attempt and not job.cancelled:
+            time.sleep(0.01)  # the test SIGKILLs this process here
+        return {"done": True, "pid": os.getpid()}
+
+
+class StreamNotReplaySafe(_StreamThenHang):
+    replay_safe = False
+
+
+class StreamReplaySafe(_StreamThenHang):
+    replay_safe = True
+
+
+class FailLoad(Handler):
+    """`load()` raises, as a missing model file would: the worker never becomes ready."""
+
+    def load(self) -> None:
+        raise RuntimeError("weights file /nonexistent/model.bin is missing")
+
+
+class ExitOnLoad(Handler):
+    """`load()` ends the process with exit code 7 (a native crash during load, with no report)."""
+
+    def load(self) -> None:
+        os._exit(7)
+
+
+class FailLoadOnSlot0(Handler):
+    """Loads everywhere but on slot 0 of its pool, whose load raises; the rest echo."""
+
+    def load(self) -> None:
+        if self.ctx.wid == f"{self.ctx.pool}/0":
+            raise RuntimeError("slot 0 has a broken device")
+
+    def run(self, job: Job):
+        return {"echo": job.input, "wid": self.ctx.wid}

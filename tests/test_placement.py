@@ -1,0 +1,158 @@
+"""Device placement: the pure functions that turn a device spec into per-worker device sets."""
+from __future__ import annotations
+
+import doctest
+
+import pytest
+
+from orchestrator import placement
+from orchestrator.config import PoolConfig
+from orchestrator.placement import (
+    DeviceSet, assign, check_replicas, cuda_visible, parse_devices, split_cores, visible_gpus,
+)
+from orchestrator.pools import Pool
+
+
+def test_module_doctests_pass():
+    result = doctest.testmod(placement, optionflags=doctest.ELLIPSIS)
+    assert result.attempted >= 8  # the examples exist and ran
+    assert result.failed == 0
+
+
+# ----------------------------------------------------------------------------- parse_devices
+
+
+@pytest.mark.parametrize("spec, kind, ids", [
+    ("cpu:1", "cpu", ("cpu0",)),
+    ("cpu:4", "cpu", ("cpu0", "cpu1", "cpu2", "cpu3")),
+    ("cpu", "cpu", ("cpu0",)),
+    ("0", "gpu", ("0",)),
+    ("0,1,2,3", "gpu", ("0", "1", "2", "3")),
+    (" 3, 1 ,2 ", "gpu", ("3", "1", "2")),  # order is kept: it is the user's choice of pairing
+    ("0,1,", "gpu", ("0", "1")),
+])
+def test_parse_explicit_specs(spec, kind, ids):
+    assert parse_devices(spec) == DeviceSet(kind, ids)
+
+
+def test_auto_honours_inherited_cuda_visible_devices():
+    assert parse_devices("auto", {"CUDA_VISIBLE_DEVICES": "4,6"}) == DeviceSet("gpu", ("4", "6"))
+
+
+@pytest.mark.parametrize("env", [{"CUDA_VISIBLE_DEVICES": ""}, {"CUDA_VISIBLE_DEVICES": "-1"}])
+def test_auto_without_visible_gpus_falls_back_to_cpu(env):
+    assert parse_devices("auto", env, default_cpu=3) == DeviceSet("cpu", ("cpu0", "cpu1", "cpu2"))
+
+
+def test_visible_gpus_reads_the_environment_only_when_set():
+    assert visible_gpus({"CUDA_VISIBLE_DEVICES": " 1 , 2 "}) == ["1", "2"]
+    assert visible_gpus({"CUDA_VISIBLE_DEVICES": ""}) == []
+
+
+@pytest.mark.parametrize("spec, needle", [
+    ("cpu:0", "N >= 1"),
+    ("cpu:-2", "N >= 1"),
+    ("cpu:x", "cpu:x"),
+    ("a,b", "'a,b'"),
+    ("0,gpu1", "'0,gpu1'"),
+    ("", "bad device spec"),
+    (",", "bad device spec"),
+    ("0,1,0", "repeated"),
+])
+def test_bad_specs_raise_value_errors_naming_the_spec(spec, needle):
+    with pytest.raises(ValueError, match="bad device spec") as info:
+        parse_devices(spec)
+    assert needle in str(info.value)
+
+
+# ----------------------------------------------------------------------------- assign
+
+
+def test_assign_one_worker_per_device():
+    assert assign(["0", "1", "2", "3"]) == [("0",), ("1",), ("2",), ("3",)]
+
+
+def test_assign_tp_groups_are_consecutive():
+    assert assign(["0", "1", "2", "3"], tp=2) == [("0", "1"), ("2", "3")]
+    assert assign(["0", "1", "2", "3"], tp=4) == [("0", "1", "2", "3")]
+
+
+def test_assign_workers_per_device_repeats_each_device():
+    assert assign(["0", "1"], workers_per_device=3) == [("0",)] * 3 + [("1",)] * 3
+
+
+def test_assign_tp_not_dividing_the_devices_names_the_numbers():
+    with pytest.raises(ValueError) as info:
+        assign(["0", "1"], tp=3)
+    msg = str(info.value)
+    assert "tp=3" in msg and "got 2" in msg
+
+
+@pytest.mark.parametrize("tp, wpd", [(0, 1), (1, 0), (-1, 1)])
+def test_assign_rejects_non_positive_counts(tp, wpd):
+    with pytest.raises(ValueError, match=f"tp={tp}"):
+        assign(["0"], tp=tp, workers_per_device=wpd)
+
+
+def test_assign_refuses_tp_with_several_workers_per_device():
+    with pytest.raises(ValueError, match="workers_per_device"):
+        assign(["0", "1"], tp=2, workers_per_device=2)
+
+
+# ----------------------------------------------------------------------------- check_replicas
+
+
+def test_check_replicas_accepts_what_fits():
+    devices = DeviceSet("gpu", ("0", "1", "2", "3"))
+    for n in range(0, 3):
+        check_replicas(2, n, 2, devices)  # no exception
+
+
+def test_check_replicas_names_the_numbers():
+    with pytest.raises(ValueError) as info:
+        check_replicas(4, 6, 1, DeviceSet("cpu", ("cpu0", "cpu1", "cpu2", "cpu3")))
+    msg = str(info.value)
+    assert "6 replicas" in msg and "need 6 devices" in msg and "has 4" in msg and "room for 4" in msg
+
+
+def test_check_replicas_refuses_negative():
+    with pytest.raises(ValueError, match="-1"):
+        check_replicas(2, -1, 1, DeviceSet("gpu", ("0", "1")))
+
+
+def test_pool_with_too_many_replicas_fails_before_anything_starts():
+    with pytest.raises(ValueError, match="3 replicas with tp=2 need 6 devices"):
+        Pool(PoolConfig(name="p", devices="0,1,2,3", tp=2, replicas=3))
+
+
+def test_pool_defaults_to_one_slot_per_device_group():
+    pool = Pool(PoolConfig(name="p", devices="0,1,2,3", tp=2))
+    assert pool.desired == 2 and pool.groups == [("0", "1"), ("2", "3")]
+    assert pool.slot_spec(1, [[0], [1]]).devices == ("2", "3")
+
+
+# ----------------------------------------------------------------------------- cores and env
+
+
+@pytest.mark.parametrize("cores, n", [(list(range(8)), 3), (list(range(4)), 4), ([0, 1], 5),
+                                      ([2, 5, 7], 1), (list(range(16)), 6)])
+def test_split_cores_covers_every_worker_evenly(cores, n):
+    parts = split_cores(cores, n)
+    assert len(parts) == n and all(parts)
+    if len(cores) >= n:  # disjoint, all used, sizes differ by at most one
+        flat = [c for p in parts for c in p]
+        assert sorted(flat) == sorted(cores) and len(flat) == len(set(flat))
+        assert max(map(len, parts)) - min(map(len, parts)) <= 1
+    else:  # shared round-robin, one core each
+        assert [p[0] for p in parts] == [cores[i % len(cores)] for i in range(n)]
+
+
+def test_split_cores_for_no_workers():
+    assert split_cores([0, 1], 0) == []
+
+
+@pytest.mark.parametrize("devices, value", [
+    (("0",), "0"), (("2", "3"), "2,3"), (("cpu0",), ""), (("cpu3", "cpu4"), ""),
+])
+def test_cuda_visible(devices, value):
+    assert cuda_visible(devices) == value

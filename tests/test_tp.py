@@ -1,0 +1,380 @@
+"""Tensor-parallel groups on CPU: gloo, 2-rank groups, real `orchestrator serve` processes.
+
+Most tests share one server (module fixture) with two pools: `tp`, a TP=2 group running the all-reduce test
+handler (worker/handlers/tp_test.py), and `echo`, which must keep serving whatever happens to the group. Each
+test starts by waiting for the group to be ready, so the tests do not depend on their order.
+"""
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import textwrap
+import threading
+import time
+
+import pytest
+
+from orchestrator.client import RequestError
+from tests.conftest import REPO, Server, poll_until
+
+pytestmark = pytest.mark.slow
+
+START_S = 120.0  # a TP group imports torch twice and rendezvouses: slow on a loaded 2-core machine
+RESTART_S = 120.0
+
+
+def _toml(once_dir) -> str:
+    return textwrap.dedent(f"""
+        [pools.tp]
+        handler = "tp_allreduce"
+        devices = "cpu:2"
+        tp = 2
+        retries = 2
+        max_restarts = 100
+        guard_timeout = 5.0
+        config = {{ mismatch_on = "poison", once_dir = "{once_dir}" }}
+
+        [pools.echo]
+        handler = "echo"
+        devices = "cpu:1"
+    """)
+
+
+@pytest.fixture(scope="module")
+def server(tmp_path_factory):
+    tmp = tmp_path_factory.mktemp("tp")
+    (tmp / "once").mkdir()
+    config = tmp / "serve.toml"
+    config.write_text(_toml(tmp / "once"))
+    s = Server(tmp, ["--config", str(config)])
+    try:
+        s.start(timeout=START_S)
+        yield s
+    finally:
+        s.close()
+
+
+def group(server: Server) -> dict:
+    return server.workers("tp")[0]
+
+
+def ready_group(server: Server) -> dict:
+    """Wait until the TP group serves with both ranks alive; returns its status view."""
+    def ready():
+        g = group(server)
+        return g if g["state"] in ("ready", "busy") and len(g["pids"]) == 2 else None
+    return poll_until(ready, RESTART_S, 0.1, "the TP group to be ready")
+
+
+def down_reasons(server: Server, since: int) -> str:
+    """The supervisor's "down:" lines for the TP group logged after offset `since` of the server log."""
+    return "\n".join(line for line in server.log()[since:].splitlines() if "tp/0: down:" in line)
+
+
+def restarted(server: Server, before: dict) -> dict:
+    """Wait until the group came back as a new incarnation: more restarts and two new pids."""
+    def back():
+        g = ready_group(server)
+        return g if g["restarts"] > before["restarts"] and not set(g["pids"]) & set(before["pids"]) else None
+    return poll_until(back, RESTART_S, 0.1, "the TP group to restart with new pids")
+
+
+# ----------------------------------------------------------------------------------- normal runs
+
+
+def test_allreduce_results_are_correct_and_guard_cost_is_reported(server):
+    g = ready_group(server)
+    c = server.client()
+    handles = [(v, c.submit("tp", {"value": v})) for v in range(-5, 25)]
+    for v, h in handles:
+        assert h.result(60) == {"sum": 3.0 * v, "world_size": 2}  # (rank0 + 1) * v + (rank1 + 1) * v
+    assert group(server)["pids"] == g["pids"]  # nothing restarted
+
+    def guard_stats():  # heartbeats carry them every few beats
+        ranks = group(server)["ranks"]
+        stats = [r["guard"] for r in ranks]
+        return stats if all(s and s["steps"] >= 1 and s["mean_us"] for s in stats) else None
+    stats = poll_until(guard_stats, 30, 0.2, "both ranks to report guard cost")
+    print(f"guard cost per step (CPU, gloo, loaded machine): {stats}")
+    assert stats[0]["steps"] == stats[1]["steps"]  # every step was guarded on both ranks
+
+
+def test_all_ranks_without_a_batch_skip_together_and_serving_goes_on(server):
+    g = ready_group(server)
+    c = server.client()
+    assert c.run("tp", {"value": 1, "skip_on_ranks": [0, 1]}, timeout=60) == {"skipped": True}
+    assert c.run("tp", {"value": 2}, timeout=60)["sum"] == 6.0
+    after = group(server)
+    assert after["restarts"] == g["restarts"] and after["pids"] == g["pids"]
+
+
+def test_invalid_input_fails_the_job_on_every_rank_alike_without_a_restart(server):
+    g = ready_group(server)
+    c = server.client()
+    with pytest.raises(RequestError) as err:
+        c.run("tp", {"value": "x"}, timeout=60)
+    assert err.value.code == "invalid_input"
+    assert c.run("tp", {"value": 4}, timeout=60)["sum"] == 12.0
+    assert group(server)["pids"] == g["pids"]
+
+
+# ----------------------------------------------------------------------------------- the guard
+
+
+def test_some_ranks_without_a_batch_all_raise_and_the_group_restarts(server):
+    g = ready_group(server)
+    c = server.client()
+    start = time.monotonic()
+    with pytest.raises(RequestError) as err:
+        c.submit("tp", {"value": 1, "skip_on_ranks": [1]}, retries=0).result(60)
+    print(f"partial no-batch -> collective_mismatch reply in {time.monotonic() - start:.3f} s")
+    assert err.value.code == "collective_mismatch"
+    assert "no batch on some ranks only" in err.value.message
+    assert "rank(s) [1] differ" in err.value.message
+    assert "rank 1: step=" in err.value.message and "no batch" in err.value.message
+    restarted(server, g)
+    assert c.run("tp", {"value": 3}, timeout=60)["sum"] == 9.0
+
+
+def test_asymmetric_batch_restarts_the_group_and_the_retry_succeeds(server, record_property):
+    g = ready_group(server)
+    c = server.client()
+    since = len(server.log())
+    start = time.monotonic()
+    h = c.submit("tp", {"value": 7, "poison": "once"})
+    result = h.result(RESTART_S)
+    assert result == {"sum": 21.0, "world_size": 2}
+    record_property("mismatch_then_retry_s", round(time.monotonic() - start, 3))
+    restarted(server, g)
+    reasons = down_reasons(server, since)
+    assert "collective_mismatch" in reasons and "rank(s) [1] differ" in reasons and "fingerprints differ" in reasons
+
+
+def test_asymmetric_batch_fails_with_a_clear_error_once_retries_are_spent(server):
+    g = ready_group(server)
+    c = server.client()
+    with pytest.raises(RequestError) as err:
+        c.submit("tp", {"value": 1, "poison": True}, retries=1).result(2 * RESTART_S)
+    assert err.value.code == "collective_mismatch"
+    assert "job failed on 2 worker(s)" in err.value.message
+    assert err.value.message.count("rank(s) [1] differ") == 2  # one reason per attempt, each naming rank 1
+    restarted(server, g)
+    assert c.run("tp", {"value": 5}, timeout=60)["sum"] == 15.0
+
+
+# ----------------------------------------------------------------------------------- rank failures
+
+
+class EchoProbe:
+    """Calls the echo pool in a loop on its own thread, recording when each call succeeded and any error."""
+
+    def __init__(self, server: Server):
+        self.client = server.client()
+        self.ok: list[float] = []
+        self.errors: list[str] = []
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+
+    def __enter__(self):
+        self._thread.start()
+        return self
+
+    def _run(self) -> None:
+        i = 0
+        while not self._stop.is_set():
+            try:
+                assert self.client.run("echo", {"i": i}, timeout=30) == {"i": i}
+                self.ok.append(time.monotonic())
+            except Exception as e:  # recorded, asserted by the test
+                self.errors.append(repr(e))
+            i += 1
+
+    def __exit__(self, *exc):
+        self._stop.set()
+        self._thread.join(60)
+
+
+def test_sigkill_of_rank_1_in_a_busy_group_restarts_the_group_retries_jobs_and_echo_keeps_serving(server):
+    g = ready_group(server)
+    c = server.client()
+    since = len(server.log())
+    with EchoProbe(server) as echo:
+        first = [(v, c.submit("tp", {"value": v})) for v in range(40)]
+        poll_until(lambda: any(h.done() for _, h in first), 60, 0.01, "the group to be busy")
+        killed_at = time.monotonic()
+        os.kill(g["ranks"][1]["pid"], signal.SIGKILL)
+        more = [(v, c.submit("tp", {"value": v})) for v in range(100, 120)]
+        for v, h in first + more:
+            assert h.result(RESTART_S)["sum"] == 3.0 * v  # in-flight jobs were retried on the new group
+        restarted(server, g)
+        poll_until(lambda: echo.ok and echo.ok[-1] > killed_at, 60, 0.05, "echo to answer after the kill")
+    assert not echo.errors
+    assert any(t > killed_at for t in echo.ok)
+    reasons = down_reasons(server, since)
+    assert "signal 9" in reasons or "all-reduce failed" in reasons or "lost" in reasons, reasons
+
+
+def test_sigstop_of_rank_1_is_detected_and_the_group_restarts(server):
+    g = ready_group(server)
+    c = server.client()
+    stopped = g["ranks"][1]["pid"]
+    since = len(server.log())
+    os.kill(stopped, signal.SIGSTOP)
+    try:
+        h = c.submit("tp", {"value": 2})  # rank 0 broadcasts it and waits at the guard for rank 1
+        restarted(server, g)
+        assert h.result(RESTART_S)["sum"] == 6.0
+        reasons = down_reasons(server, since)
+        assert "heartbeat lost" in reasons or "did not all arrive" in reasons, reasons
+    finally:
+        try:
+            os.kill(stopped, signal.SIGCONT)  # normally already killed by the coordinator
+        except ProcessLookupError:
+            pass
+
+
+# ----------------------------------------------------------------------------------- stop, guard timeout
+
+
+def test_graceful_stop_reaches_the_followers_through_rank_0(serve):
+    s = serve(["--handler", "tp_allreduce", "--devices", "cpu:2", "--tp", "2"], timeout=START_S)
+    assert s.client().run("tp_allreduce", {"value": 1}, timeout=60)["sum"] == 3.0
+    assert s.terminate(timeout=120) == 0
+    log = s.log()
+    assert "rank 1: stopping: received SIGTERM" in log  # rank 0's stop plan, not the follower's own timeout
+    assert "no stop plan from rank 0" not in log
+    assert log.count("stopped: received SIGTERM") >= 2
+
+
+GUARD_SCRIPT = r"""
+import json, os, sys, threading, time
+from datetime import timedelta
+import torch.distributed as dist
+from worker.guard import Batch, CollectiveGuard, GroupError, side_group
+rank, port_file, mode = int(sys.argv[1]), sys.argv[2], sys.argv[3]
+if rank == 0:
+    store = dist.TCPStore("127.0.0.1", 0, 2, is_master=True, wait_for_workers=False, timeout=timedelta(seconds=120))
+    with open(port_file + ".tmp", "w") as f:
+        f.write(str(store.port))
+    os.rename(port_file + ".tmp", port_file)
+else:
+    deadline = time.monotonic() + 120
+    while not os.path.exists(port_file):
+        if time.monotonic() > deadline:
+            sys.exit("no port file")
+        threading.Event().wait(0.05)
+    store = dist.TCPStore("127.0.0.1", int(open(port_file).read()), 2, is_master=False, timeout=timedelta(seconds=120))
+dist.init_process_group("gloo", store=store, rank=rank, world_size=2)
+guard = CollectiveGuard(side_group(2.0), rank, 2, 2.0)
+out = {"first": guard.check(Batch.of([1, 2]))}
+if mode == "absent" and rank == 1:
+    threading.Event().wait(30)  # alive, but never reaches the next guard step (rank 0 is killed meanwhile)
+    sys.exit(0)
+start = time.monotonic()
+try:
+    out["second"] = guard.check(Batch.of([3]))
+except GroupError as e:
+    out.update(error=type(e).__name__, code=e.code, message=e.message, details=e.details)
+out["elapsed"] = time.monotonic() - start
+print(json.dumps(out), flush=True)
+"""
+
+
+def test_a_rank_that_never_reaches_the_guard_becomes_an_error_not_a_hang(tmp_path):
+    """Two bare ranks: both pass guard step 1; rank 1 then stays alive but away, so rank 0's step 2 must
+    end in CollectiveMismatch after the guard timeout (2 s) instead of waiting forever."""
+    port_file = str(tmp_path / "port")
+    env = {**os.environ, "PYTHONPATH": REPO, "GLOO_SOCKET_IFNAME": "lo", "OMP_NUM_THREADS": "1"}
+    procs = [subprocess.Popen([sys.executable, "-c", GUARD_SCRIPT, str(r), port_file, "absent"],
+                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env, cwd=REPO)
+             for r in (0, 1)]
+    try:
+        out, err = procs[0].communicate(timeout=180)
+    finally:
+        for p in procs:
+            p.kill()
+            p.wait()
+    assert procs[0].returncode == 0, err
+    result = json.loads(out.strip().splitlines()[-1])
+    print(f"absent rank detected after {result['elapsed']:.2f} s")
+    assert result["first"] is True
+    assert result["error"] == "CollectiveMismatch" and result["code"] == "collective_mismatch"
+    assert "did not all arrive" in result["message"] and result["details"]["differing"] == [1]
+
+
+def test_guard_decisions_doctests():
+    import doctest
+
+    import worker.guard
+
+    assert doctest.testmod(worker.guard).failed == 0
+
+
+# ----------------------------------------------------------------------------------- TP generation
+
+
+def _accelerate_path() -> str | None:
+    try:
+        import accelerate
+    except ImportError:
+        return None
+    return os.path.dirname(os.path.dirname(accelerate.__file__))
+
+
+@pytest.mark.skipif(_accelerate_path() is None, reason=(
+    "transformers 5.23 refuses to load a model with tp_plan on CPU without `accelerate`: ValueError: Using a "
+    "`device_map`, `tp_plan`, `torch.device` context manager or setting `torch.set_default_device(device)` "
+    "requires `accelerate`. (With accelerate installed, TP=2 on CPU with gloo works and matches TP=1.)"))
+def test_tp2_generate_on_cpu_matches_tp1_and_recovers_from_a_mismatch_and_a_dead_rank(serve, tmp_path):
+    from tests.model_fixtures import make_tiny_llama
+
+    model = make_tiny_llama(tmp_path / "llama")
+    env = {"PYTHONPATH": os.pathsep.join([REPO, _accelerate_path()])}
+    prompts = [[101, 2000, 2001, 2002], [101, 5, 6], [101, 7, 8, 9, 10]]
+    greedy = {"max_new_tokens": 8, "eos_token_id": []}
+
+    ref = serve(["--handler", "generate", "--model", model, "--devices", "cpu:1"], env=env, timeout=START_S)
+    expected = [ref.client().run("generate", {"input_ids": p, **greedy}, timeout=120)["token_ids"] for p in prompts]
+    ref.terminate(timeout=120)
+
+    config = json.dumps({"model": model, "skew_tokens": 13})  # a 13-token forward differs on rank 1
+    s = serve(["--pool", "generate", "--handler", "worker.handlers.tp_test:SkewedGenerateHandler",
+               "--handler-config", config, "--devices", "cpu:2", "--tp", "2"], env=env, timeout=START_S)
+    c = s.client()
+    handles = [c.submit("generate", {"input_ids": p, **greedy}) for p in prompts]
+    assert [h.result(120)["token_ids"] for h in handles] == expected  # TP=2 greedy == TP=1 greedy
+    with pytest.raises(RequestError) as err:
+        c.run("generate", {"input_ids": [101, 5], "temperature": 0.7}, timeout=60)
+    assert err.value.code == "invalid_input" and "tp=2" in err.value.message
+
+    def guard_stats():
+        ranks = s.workers("generate")[0]["ranks"]
+        return ranks if all(r["guard"] and r["guard"]["steps"] for r in ranks) else None
+    ranks = poll_until(guard_stats, 30, 0.2, "guard stats from both generate ranks")
+    print(f"TP=2 generate guard cost: {[r['guard'] for r in ranks]}")
+    assert ranks[0]["guard"]["steps"] == ranks[1]["guard"]["steps"]  # every forward guarded on both ranks
+
+    # An injected asymmetric batch inside the CB engine: the forward hook stops both ranks, the group restarts.
+    g = s.workers("generate")[0]
+    with pytest.raises(RequestError) as err:
+        c.submit("generate", {"input_ids": list(range(101, 114)), **greedy}, retries=0).result(120)
+    assert err.value.code == "collective_mismatch" and "rank(s) [1] differ" in err.value.message
+    g = poll_until(lambda: _restarted_view(s, "generate", g), RESTART_S, 0.1, "generate group restart")
+    assert c.run("generate", {"input_ids": prompts[0], **greedy}, timeout=120)["token_ids"] == expected[0]
+
+    # SIGKILL rank 1 mid-generation: the group restarts and the job is retried to the same greedy output.
+    long = c.submit("generate", {"input_ids": prompts[1], "max_new_tokens": 200, "eos_token_id": []})
+    poll_until(lambda: s.workers("generate")[0]["step_age"] is not None, 60, 0.01, "generation to start")
+    os.kill(g["ranks"][1]["pid"], signal.SIGKILL)
+    out = long.result(2 * RESTART_S)
+    assert out["token_ids"][:8] == expected[1] and len(out["token_ids"]) == 200
+    poll_until(lambda: _restarted_view(s, "generate", g), RESTART_S, 0.1, "generate group restart after kill")
+
+
+def _restarted_view(server: Server, pool: str, before: dict) -> dict | None:
+    w = server.workers(pool)[0]
+    new = w["state"] in ("ready", "busy") and len(w["pids"]) == 2 and not set(w["pids"]) & set(before["pids"])
+    return w if new and w["restarts"] > before["restarts"] else None

@@ -1,0 +1,285 @@
+"""The collective guard: before a step that runs collectives, the ranks of a TP group agree on what they are
+about to do, or every one of them fails fast, naming the rank that differs.
+
+Why: a rank that finds no batch and `continue`s while the others enter a forward holding NCCL collectives
+deadlocks the whole group, silently and forever (TensorRT-LLM #14986, sglang#34582, vllm#6370). So before each
+such step every rank all-gathers a small fingerprint of its step over a gloo CPU group with its own short
+timeout, and compares:
+
+- all equal: the step runs;
+- all "no batch": every rank skips the step together ("no batch" is a fingerprint too, never a silent skip);
+- anything else: every rank raises `CollectiveMismatch` listing each rank's fingerprint;
+- a rank that never arrives (dead, stopped, stuck in its own code): the exchange times out and the ranks
+  that did arrive raise, instead of hanging.
+
+Cost: the fast path is one all-gather of six int64s per rank. The readable fingerprints are exchanged only
+after a mismatch, to build the error.
+
+This module imports torch only inside the functions that need it: the worker runtime imports `GroupError`
+from here, and an echo worker must not pay for torch.
+"""
+from __future__ import annotations
+
+import hashlib
+import logging
+import threading
+import time
+from dataclasses import dataclass
+from datetime import timedelta
+
+from protocol.errors import COLLECTIVE_MISMATCH, WORKER_CRASHED, JobError
+
+log = logging.getLogger("worker.guard")
+
+PARK_S = 60.0  # how long a foreign thread that hit a group failure waits for its process to exit
+
+
+class GroupError(JobError):
+    """The TP group cannot go on. Never a per-job error: the worker reports it as fatal (WFatal with `code`)
+    and exits, and the coordinator restarts the whole group and retries its jobs."""
+
+    def __init__(self, message: str, code: str = WORKER_CRASHED, details=None):
+        super().__init__(code, message, details)
+
+
+class CollectiveMismatch(GroupError):
+    """The ranks disagreed at a guard step (or some never arrived). `fingerprints[r]` is rank r's fingerprint
+    as text (None if unknown); `differing` names the ranks that differ from the reference."""
+
+    def __init__(self, message: str, step: int, fingerprints: list, differing: list):
+        super().__init__(message, COLLECTIVE_MISMATCH,
+                         {"step": step, "fingerprints": fingerprints, "differing": differing})
+        self.step, self.fingerprints, self.differing = step, fingerprints, differing
+
+
+def stable_hash(value) -> int:
+    """A 63-bit hash that is the same in every process (Python's `hash` of a str is salted per process).
+
+    >>> stable_hash([1, 2, 3]) == stable_hash([1, 2, 3]), stable_hash([1, 2]) == stable_hash([2, 1])
+    (True, False)
+    """
+    digest = hashlib.blake2b(repr(value).encode(), digest_size=8).digest()
+    return int.from_bytes(digest, "little") >> 1
+
+
+@dataclass(frozen=True)
+class Batch:
+    """What a rank is about to feed a collective step: batch size, token count, a hash of its request ids and
+    the shapes of its inputs."""
+
+    size: int
+    tokens: int
+    ids: int = 0  # stable_hash of the request ids (0: not known at this level)
+    shapes: tuple = ()
+
+    @classmethod
+    def of(cls, ids, tokens: int | None = None, shapes: tuple = ()) -> "Batch":
+        ids = list(ids)
+        return cls(len(ids), len(ids) if tokens is None else tokens, stable_hash(ids), tuple(shapes))
+
+
+def row(step: int, batch: Batch | None) -> list:
+    """The fixed-size row a rank contributes to the exchange.
+
+    >>> row(3, None), row(3, Batch(2, 5, 7, ()))[:5]
+    ([3, 0, 0, 0, 0, 0], [3, 1, 2, 5, 7])
+    """
+    if batch is None:
+        return [step, 0, 0, 0, 0, 0]
+    return [step, 1, batch.size, batch.tokens, batch.ids, stable_hash(batch.shapes)]
+
+
+def describe(step: int, batch: Batch | None) -> str:
+    """A fingerprint as text, for the error.
+
+    >>> describe(4, None), describe(4, Batch(1, 3, 255, ((1, 3),)))
+    ('step=4 no batch', 'step=4 batch=1 tokens=3 ids=00000000000000ff shapes=((1, 3),)')
+    """
+    if batch is None:
+        return f"step={step} no batch"
+    return f"step={step} batch={batch.size} tokens={batch.tokens} ids={batch.ids:016x} shapes={batch.shapes}"
+
+
+def compare(rows: list) -> tuple[str, list]:
+    """Decide a guard step from every rank's row: ("run" | "skip" | "mismatch", differing ranks).
+
+    The reference is the value most ranks hold; on a tie, the one rank 0 (the leader) holds.
+
+    >>> compare([[1, 1, 2, 2, 9, 5], [1, 1, 2, 2, 9, 5]])
+    ('run', [])
+    >>> compare([[1, 0, 0, 0, 0, 0], [1, 0, 0, 0, 0, 0]])
+    ('skip', [])
+    >>> compare([[1, 1, 2, 2, 9, 5], [1, 0, 0, 0, 0, 0]])
+    ('mismatch', [1])
+    >>> compare([[1, 1, 2, 2, 9, 5], [1, 1, 2, 2, 8, 5], [1, 1, 2, 2, 8, 5]])
+    ('mismatch', [0])
+    """
+    keys = [tuple(r) for r in rows]
+    if len(set(keys)) == 1:
+        return ("run" if keys[0][1] else "skip"), []
+    counts = {k: keys.count(k) for k in keys}
+    reference = max(counts, key=lambda k: (counts[k], k == keys[0]))
+    return "mismatch", [rank for rank, k in enumerate(keys) if k != reference]
+
+
+class CollectiveGuard:
+    """One rank's guard over a gloo CPU group. Construct it once the group exists; call `check` before every
+    step with collectives, from one thread at a time, in the same order on every rank."""
+
+    def __init__(self, group, rank: int, world_size: int, timeout: float):
+        self.group, self.rank, self.world_size, self.timeout = group, rank, world_size, timeout
+        self.step = 0
+        self.cost = CostMeter()
+        self._lock = threading.Lock()  # one exchange at a time, even if two threads reach the guard
+
+    def check(self, batch: Batch | None) -> bool:
+        """True: run the step. False: every rank has no batch, so all skip it together.
+        Raises CollectiveMismatch when the ranks disagree or one does not arrive within the timeout."""
+        with self._lock:
+            start = time.perf_counter_ns()
+            self.step += 1
+            rows = self._exchange(self.step, batch)
+            verdict, differing = compare(rows)
+            self.cost.add(time.perf_counter_ns() - start)
+            if verdict == "mismatch":
+                raise self._mismatch(self.step, batch, rows, differing)
+            return verdict == "run"
+
+    def _exchange(self, step: int, batch: Batch | None) -> list:
+        import torch
+        import torch.distributed as dist
+
+        mine = torch.tensor(row(step, batch), dtype=torch.int64)
+        out = [torch.empty_like(mine) for _ in range(self.world_size)]
+        try:
+            dist.all_gather(out, mine, group=self.group)
+        except RuntimeError as e:
+            raise self._lost(step, batch, e) from None
+        return [t.tolist() for t in out]
+
+    def _lost(self, step: int, batch: Batch | None, exc: Exception) -> GroupError:
+        others = [r for r in range(self.world_size) if r != self.rank]
+        text = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        if "timed out" in text.lower() or "timeout" in text.lower():
+            fps = [describe(step, batch) if r == self.rank else None for r in range(self.world_size)]
+            msg = (f"collective guard step {step}: rank {self.rank} waited {self.timeout:g} s and rank(s) "
+                   f"{others} did not all arrive (dead, stopped or stuck); rank {self.rank}: "
+                   f"{describe(step, batch)}")
+            log.error("%s", msg)
+            return CollectiveMismatch(msg, step, fps, others)
+        msg = f"collective guard step {step}: lost a peer rank of {others}: {text}"
+        log.error("%s", msg)
+        return GroupError(msg)
+
+    def _mismatch(self, step: int, batch: Batch | None, rows: list, differing: list) -> CollectiveMismatch:
+        fps = self._readable(step, batch, rows)
+        listing = "; ".join(f"rank {r}: {fp}{' <- differs' if r in differing else ''}"
+                            for r, fp in enumerate(fps))
+        kind = "no batch on some ranks only" if any(r[1] == 0 for r in rows) else "fingerprints differ"
+        msg = (f"collective_mismatch at guard step {step} ({kind}): rank(s) {differing} differ "
+               f"[seen by rank {self.rank}]: {listing}")
+        log.error("%s", msg)
+        return CollectiveMismatch(msg, step, fps, differing)
+
+    def _readable(self, step: int, batch: Batch | None, rows: list) -> list:
+        """Every rank's fingerprint as text: a second exchange, only on the error path."""
+        import torch.distributed as dist
+
+        fps = [None] * self.world_size
+        try:
+            dist.all_gather_object(fps, describe(step, batch), group=self.group)
+        except RuntimeError:  # a rank left meanwhile: the rows still say what each rank sent
+            fps = [f"row={r}" for r in rows]
+        return fps
+
+    def stats(self) -> dict:
+        return {"steps": self.step, **self.cost.summary()}
+
+
+class CostMeter:
+    """Guard cost per step (µs) and the period between guarded steps, so a bench can set one against the
+    other. Gaps over `idle_s` are idle time, not steps, and are left out of the period."""
+
+    def __init__(self, idle_s: float = 1.0):
+        self.n = 0
+        self.total_ns = 0
+        self.max_ns = 0
+        self.periods = 0
+        self.period_total_ns = 0
+        self._last_start: int | None = None
+        self._idle_ns = int(idle_s * 1e9)
+
+    def add(self, cost_ns: int) -> None:
+        now = time.perf_counter_ns()
+        if self._last_start is not None and now - self._last_start < self._idle_ns:
+            self.periods += 1
+            self.period_total_ns += now - self._last_start
+        self._last_start = now
+        self.n += 1
+        self.total_ns += cost_ns
+        self.max_ns = max(self.max_ns, cost_ns)
+
+    def summary(self) -> dict:
+        mean = self.total_ns / self.n / 1000 if self.n else None
+        period = self.period_total_ns / self.periods / 1000 if self.periods else None
+        return {"mean_us": _round(mean), "max_us": _round(self.max_ns / 1000 if self.n else None),
+                "step_period_us": _round(period),
+                "cost_fraction": _round(mean / period if mean and period else None, 5),
+                # running totals, so that a bench can difference two snapshots around its own load
+                "total_us": _round(self.total_ns / 1000), "periods": self.periods,
+                "period_total_us": _round(self.period_total_ns / 1000)}
+
+
+def _round(v, digits: int = 1):
+    return None if v is None else round(v, digits)
+
+
+# ------------------------------------------------------------------------------------------ model hook
+
+
+def forward_batch(args: tuple, kwargs: dict) -> Batch:
+    """Describe a transformers forward call: token count, batch size (packed continuous-batching batches carry
+    cu_seq_lens_q), the shapes of the tensor arguments, and the token ids when they are on the CPU (hashing
+    GPU ids would cost a device sync per step)."""
+    import torch
+
+    tensors = [(str(i), a) for i, a in enumerate(args) if isinstance(a, torch.Tensor)]
+    tensors += sorted((k, v) for k, v in kwargs.items() if isinstance(v, torch.Tensor))
+    ids = kwargs.get("input_ids", args[0] if args and isinstance(args[0], torch.Tensor) else None)
+    main = ids if ids is not None else kwargs.get("inputs_embeds")
+    tokens = int(main.shape[-1] if ids is not None else main.shape[-2]) if main is not None else 0
+    cu = kwargs.get("cu_seq_lens_q")
+    size = int(cu.shape[0]) - 1 if isinstance(cu, torch.Tensor) else (int(main.shape[0]) if main is not None else 0)
+    digest = stable_hash(ids.flatten().tolist()) if ids is not None and ids.device.type == "cpu" else 0
+    return Batch(size, tokens, digest, tuple((k, tuple(t.shape)) for k, t in tensors))
+
+
+def install_guard(model, guard: CollectiveGuard, on_fail=None):
+    """Run `guard` before every forward of `model` (a forward pre-hook), including the forwards inside
+    transformers' continuous batching loop. Returns the hook handle.
+
+    On a failure the hook calls `on_fail(exc)` (the group runtime, which makes the worker report it) and
+    then parks this thread: raising inside transformers' engine would let it fail the requests one by one
+    as job errors, when the whole group must restart and retry them. CUDA-graph replays skip Python and so
+    skip this hook: TP engines run without CUDA graphs (see the generate handler).
+    """
+
+    def hook(module, args, kwargs):
+        try:
+            guard.check(forward_batch(args, kwargs))
+        except GroupError as exc:
+            if on_fail is None:
+                raise
+            on_fail(exc)
+            threading.Event().wait(PARK_S)  # the worker exits meanwhile; this is only a backstop
+            raise
+        return None
+
+    return model.register_forward_pre_hook(hook, with_kwargs=True)
+
+
+def side_group(timeout: float):
+    """A new gloo CPU group over the whole world with its own timeout (collective: every rank calls it)."""
+    import torch.distributed as dist
+
+    return dist.new_group(backend="gloo", timeout=timedelta(seconds=timeout))
