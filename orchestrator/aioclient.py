@@ -10,6 +10,7 @@ import zmq
 import zmq.asyncio
 
 from protocol import Codec, ProtocolError
+from protocol.codec import INTERNAL_LIMITS
 from protocol.messages import Cancel, Chunk, Error, Health, Ping, Result, Scale, Status, Stop, Submit
 from . import security
 from .client import RequestError
@@ -53,7 +54,7 @@ class AsyncClient:
 
     def __init__(self, address: str, *, curve: dict | None = None, timeout: float = 30.0):
         self.address, self.timeout = address, timeout
-        self._codec = Codec(arrays=True)
+        self._codec = Codec(INTERNAL_LIMITS, arrays=True)  # replies come from our server: no client caps
         self._ctx = zmq.asyncio.Context()
         self._sock = self._ctx.socket(zmq.DEALER)
         self._sock.setsockopt(zmq.LINGER, 0)

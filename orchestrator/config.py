@@ -105,3 +105,5 @@ def validate(cfg: ServerConfig) -> None:
             raise ValueError(f"bad pool name {p.name!r}")
         if p.tp < 1 or p.retries < 0 or p.queue_size < 1:
             raise ValueError(f"pool {p.name}: tp >= 1, retries >= 0 and queue_size >= 1 are required")
+        if not p.guard_timeout > 0:
+            raise ValueError(f"pool {p.name}: guard_timeout must be > 0 seconds, got {p.guard_timeout!r}")

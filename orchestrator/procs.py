@@ -80,10 +80,12 @@ class Proc:
 
     def kill(self, reason: str) -> None:
         """SIGKILL (idempotent). The first reason given is the one reported."""
-        if self.exit_reason is None:
+        first = self.exit_reason is None
+        if first:
             self.exit_reason = reason
         if self.alive:
-            log.info("killing pid %s: %s", self.pid, reason, extra={"wid": self.wid})
+            if first:
+                log.info("killing pid %s: %s", self.pid, reason, extra={"wid": self.wid})
             try:
                 os.kill(self.pid, signal.SIGKILL)
             except ProcessLookupError:

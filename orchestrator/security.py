@@ -72,33 +72,41 @@ def check_bind(cfg) -> None:
 
 
 class _Throttle:
-    """Log at most `per_second` lines a second at `level`; the count of dropped lines is reported
-    with the next one. Thread-safe: the ZAP handler logs from the authenticator's thread."""
+    """Log at most `per_second` lines a second at `level`; dropped lines are counted and reported
+    as one summary line naming `what`. Thread-safe: the ZAP handler logs from its own thread."""
 
-    def __init__(self, level: int = logging.WARNING, per_second: int = 5):
-        self.level, self.per_second = level, per_second
+    def __init__(self, what: str, level: int = logging.WARNING, per_second: int = 5):
+        self.what, self.level, self.per_second = what, level, per_second
         self.lock = threading.Lock()
         self.window, self.count, self.suppressed = 0, 0, 0
 
     def __call__(self, fmt: str, *args) -> None:
         with self.lock:
-            now = int(time.monotonic())
-            if now != self.window:
-                if self.suppressed:
-                    log.log(self.level, "(%d similar lines suppressed)", self.suppressed)
-                self.window, self.count, self.suppressed = now, 0, 0
+            self._roll(int(time.monotonic()))
             self.count += 1
             if self.count > self.per_second:
                 self.suppressed += 1
                 return
         log.log(self.level, fmt, *args)
 
+    def flush(self) -> None:
+        """Report a finished second's suppressed count even if no further line comes."""
+        with self.lock:
+            self._roll(int(time.monotonic()))
+
+    def _roll(self, now: int) -> None:
+        if now == self.window:
+            return
+        if self.suppressed:
+            log.log(self.level, "(%d more %s lines suppressed)", self.suppressed, self.what)
+        self.window, self.count, self.suppressed = now, 0, 0
+
 
 class _ZapLog:
     """zmq.auth logs its decisions at debug level; surface refusals as (rate-limited) warnings."""
 
     def __init__(self):
-        self.refused = _Throttle()
+        self.refused = _Throttle("'refused client connection'")
 
     def __getattr__(self, name):
         return getattr(log, name)
@@ -146,7 +154,9 @@ class HandshakeMonitor:
         self.open = 0
         self.refused = 0  # handshakes that failed
         self._unlogged_closes = 0  # refused connections: their close needs no second line
-        self.refusals, self.closes = _Throttle(), _Throttle(logging.INFO)
+        self.refusals = _Throttle("'refused client connection'")
+        self.closes = _Throttle("'client connection closed' (the client left, or a message over the "
+                                f"{hard_cap}-byte hard cap)", logging.INFO)
 
     def on_readable(self) -> None:
         from zmq.utils.monitor import parse_monitor_message
@@ -177,6 +187,11 @@ class HandshakeMonitor:
             if event != zmq.EVENT_HANDSHAKE_FAILED_AUTH:  # _ZapLog logged that one, naming the key
                 self.refusals("refused client connection on %s: handshake failed: %s", where,
                               _handshake_failure(event, value))
+
+    def flush(self) -> None:
+        """Call now and then (the coordinator's tick): reports suppressed counts without waiting."""
+        self.refusals.flush()
+        self.closes.flush()
 
     def close(self) -> None:
         self.sock.close(linger=0)

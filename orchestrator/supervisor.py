@@ -96,6 +96,8 @@ class Supervisor:
             slot.capacity, slot.replay_safe, slot.info = msg.capacity, msg.replay_safe, msg.info or {}
         if slot.state in (S.STARTING, S.LOADING) and all(p.ready for p in slot.procs) \
                 and not slot.stop_reason:  # a slot being stopped never serves again
+            if slot.state == S.STARTING:  # READY (data socket) can overtake HELLO (control socket)
+                slot.set_state(S.LOADING)
             slot.set_state(S.READY)  # a TP group is ready only when every rank is
             slot.ready_at = time.monotonic()
             log.info("%s: ready (capacity %d)", slot.name, slot.capacity, extra=ids(slot))
@@ -251,6 +253,8 @@ class Supervisor:
                 self._on_exit(slot, p)  # no pidfd on this kernel: fall back to polling
 
     def _check_liveness(self, slot: Slot, now: float) -> None:
+        if slot.stop_deadline is not None:
+            return  # a staged stop is under way: its own deadline decides, not heartbeats
         for p in slot.procs:
             silent = now - p.last_seen
             limit = self.cfg.hb_timeout if p.hello else max(self.cfg.hb_timeout, START_TIMEOUT)

@@ -110,6 +110,14 @@ class Serve:
         self.started_at = 0.0
 
     def start(self, ready: bool = True, timeout: float = 120.0) -> "Serve":
+        """Launch and wait; on any failure the process is stopped (it may hold GPUs) before raising."""
+        try:
+            return self._start(ready, timeout)
+        except BaseException:
+            self.close(grace=10)
+            raise
+
+    def _start(self, ready: bool, timeout: float) -> "Serve":
         self._log = open(self.log_path, "wb")
         self.started_at = time.monotonic()
         self.proc = subprocess.Popen(
@@ -209,7 +217,8 @@ def _toml_value(v) -> str:
 
 # A model load can hold the GIL for seconds (CUDA init, weight loading) and a loaded machine can starve a
 # worker's heartbeat thread; a benchmark must not lose a worker to that, so heartbeats get more slack.
-BENCH_SERVER = {"hb_timeout": 30.0}
+# A failed run should stop fast, not drain for the default minute.
+BENCH_SERVER = {"hb_timeout": 30.0, "drain_timeout": 10.0}
 
 
 def write_pools_toml(path: str, pools: dict, server: dict | None = None) -> str:
@@ -318,8 +327,10 @@ class Runner:
         rids = []
         for p in wave:
             self.count += 1
-            rids.append(self.mgr.add_request(input_ids=p, request_id=f"r{self.count}",
-                                             max_new_tokens=self.new_tokens))
+            rid = self.mgr.add_request(input_ids=p, request_id=f"r{self.count}", max_new_tokens=self.new_tokens)
+            if rid is None:
+                raise RuntimeError("the continuous batching manager refused a request")
+            rids.append(rid)
         done: dict = {}
         while len(done) < len(rids):
             out = self.mgr.get_result(timeout=1)

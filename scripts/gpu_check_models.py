@@ -117,7 +117,7 @@ def parity(s: dict, work: str, models: dict, timeout: float) -> dict:
     out = {}
     for n in names:
         ref_seq, ref_batch = refs[n]["seq"]["outputs"], refs[n]["batch"]["outputs"]
-        out[n] = {"prompts": len(prompts[n]), "new_tokens": T,
+        out[n] = {"prompts": len(prompts[n]), "new_tokens": T, "devices": s["dev"][names.index(n)],
                   "seq_identical": sum(a == b for a, b in zip(orch[n]["seq"], ref_seq)),
                   "batch_identical": sum(a == b for a, b in zip(orch[n]["batch"], ref_batch)),
                   "first_diff": _first_diff(orch[n]["seq"], ref_seq)}
@@ -196,7 +196,7 @@ def report(res: dict) -> str:
     lines = []
     par = res.get("parity")
     if par:
-        rows = [[f"gen_{n} (GPU {i})", f"{par[n]['seq_identical']}/{par[n]['prompts']}",
+        rows = [[f"gen_{n} (devices {par[n].get('devices', i)})", f"{par[n]['seq_identical']}/{par[n]['prompts']}",
                  f"{par[n]['batch_identical']}/{par[n]['prompts']}", "PASS" if par[n]["passed"] else "FAIL"]
                 for i, n in enumerate(("a", "b"))]
         lines += ["parity (seed-000): two pools, two models, one per GPU, concurrently; greedy, "

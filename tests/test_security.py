@@ -28,7 +28,7 @@ from protocol.messages import CLIENT_REQUESTS
 from tests.conftest import REPO, Server, poll_until
 
 NOTHING_WINDOW = 5.0  # seconds a refused client waits for the reply that must not come
-TIMEOUT = 60.0  # seconds for anything that must happen (the machine is shared and loaded)
+TIMEOUT = 120.0  # seconds for anything that must happen (the machine is shared and loaded)
 
 
 def cli(*args, timeout: float = 120.0) -> subprocess.CompletedProcess:
@@ -78,6 +78,14 @@ def raw():
         s.close()
 
 
+def ready(server: Server, address: str, curve: dict | None = None) -> None:
+    """wait_ready, but a failure shows the server's state and log."""
+    try:
+        wait_ready(address, timeout=TIMEOUT, curve=curve)
+    except TimeoutError as e:
+        raise AssertionError(f"{e}; serve exit code {server.proc.poll()}; log:\n{server.log()[-4000:]}")
+
+
 def submit(rid, pool="echo", **fields) -> dict:
     return {"v": 1, "op": "submit", "id": rid, "pool": pool, **fields}
 
@@ -103,10 +111,10 @@ def test_is_local():
 
 def test_insecure_public_bind_serves_with_loud_warning(serve):
     s = serve(["--address", "tcp://0.0.0.0:0", "--insecure", "--handler", "echo",
-               "--devices", "cpu:1"], ready=False)
+               "--devices", "cpu:1"], ready=False, timeout=TIMEOUT)
     assert s.address.startswith("tcp://0.0.0.0:")
     address = s.address.replace("0.0.0.0", "127.0.0.1")
-    wait_ready(address, timeout=TIMEOUT)
+    ready(s, address)
     log = s.log()
     assert "!" * 78 in log and "WITHOUT authentication (--insecure)" in log
     with Client(address) as c:
@@ -148,8 +156,8 @@ def curve_server(keys):
     s = Server(keys.root, ["--handler", "echo", "--devices", "cpu:1",
                            "--curve-secret-key", str(keys.pairs / "server.key_secret"),
                            "--authorized-keys", str(keys.authorized)])
-    s.start(ready=False)  # wait_ready needs keys too
-    wait_ready(s.address, timeout=TIMEOUT, curve=keys.good)
+    s.start(ready=False, timeout=TIMEOUT)  # wait_ready needs keys too
+    ready(s, s.address, keys.good)
     yield s
     s.close()
 
@@ -289,7 +297,7 @@ def padded_submit(rid, size: int) -> bytes:
     ("input", list(range(1001)), "max_array_len"),
     ("input", {str(i): i for i in range(101)}, "max_map_len"),
     ("pool", "p" * 20_001, "max_str_len"),
-])
+], ids=["bin", "str", "array", "map", "pool"])
 def test_configured_caps_answer_too_large(limited, raw, field, value, limit):
     sock = raw(limited.address)
     reply = sock.ask({**submit(7), field: value})
@@ -331,7 +339,8 @@ def test_message_over_hard_cap_is_dropped_logged_and_serving_goes_on(limited, ra
     finally:
         big.sock.disable_monitor()
         monitor.close(linger=0)
-    poll_until(lambda: f"message over the {HARD_CAP}-byte hard cap" in limited.log()[start:], TIMEOUT,
+    # One line per closed connection, or (when many close at once) the count of suppressed ones.
+    poll_until(lambda: f"over the {HARD_CAP}-byte hard cap" in limited.log()[start:], TIMEOUT,
                what="the dropped connection in the log")
     assert limited.proc.poll() is None
     with Client(limited.address, timeout=TIMEOUT) as c:
@@ -354,7 +363,7 @@ def test_per_client_pending_cap_answers_overloaded(limited):
 
 def test_total_queue_cap_and_limit_flags(serve, raw):
     s = serve(["--handler", "sleep", "--devices", "cpu:1", "--max-queued", "2",
-               "--max-array-len", "10", "--drain-timeout", "2"])
+               "--max-array-len", "10", "--drain-timeout", "2"], timeout=TIMEOUT)
     c = s.client(timeout=TIMEOUT)
     # The worker's 2 credits take 2 jobs; 2 more queue in the coordinator; the 5th is refused.
     held = [c.submit("sleep", {"ms": 600_000}) for _ in range(4)]
@@ -375,7 +384,7 @@ def test_total_queue_cap_and_limit_flags(serve, raw):
 def test_finished_jobs_do_not_pin_memory(serve):
     """A finished job with a far deadline stays in the timeout heap until then: not its payload,
     and the heap is compacted (this used to keep every input: 1 MB x 120 jobs here)."""
-    s = serve(["--handler", "echo", "--devices", "cpu:1"])
+    s = serve(["--handler", "echo", "--devices", "cpu:1"], timeout=TIMEOUT)
     c = s.client(timeout=TIMEOUT)
     assert c.run("echo", b"warm" * 250_000, timeout=1e9) == b"warm" * 250_000
     before = psutil.Process(s.proc.pid).memory_info().rss

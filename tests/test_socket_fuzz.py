@@ -359,7 +359,7 @@ def rss(pid: int) -> int:
 
 @pytest.mark.slow
 def test_socket_fuzz(serve):
-    s = serve(SERVER_ARGS)
+    s = serve(SERVER_ARGS, timeout=TIMEOUT)
     coordinator = s.proc.pid  # `orchestrator serve` runs the coordinator in its own process
     client = s.client(timeout=TIMEOUT)
     assert [client.run("echo", i, timeout=TIMEOUT) for i in range(50)] == list(range(50))  # warm

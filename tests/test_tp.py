@@ -93,13 +93,14 @@ def test_allreduce_results_are_correct_and_guard_cost_is_reported(server):
         assert h.result(60) == {"sum": 3.0 * v, "world_size": 2}  # (rank0 + 1) * v + (rank1 + 1) * v
     assert group(server)["pids"] == g["pids"]  # nothing restarted
 
-    def guard_stats():  # heartbeats carry them every few beats
-        ranks = group(server)["ranks"]
-        stats = [r["guard"] for r in ranks]
-        return stats if all(s and s["steps"] >= 1 and s["mean_us"] for s in stats) else None
-    stats = poll_until(guard_stats, 30, 0.2, "both ranks to report guard cost")
+    def guard_stats():  # heartbeats carry them every few beats, so a rank's figures may lag a little
+        stats = [r["guard"] for r in group(server)["ranks"]]
+        if all(s and s["mean_us"] for s in stats) and stats[0]["steps"] == stats[1]["steps"] >= 4:
+            return stats
+        return None
+    # 30 jobs in batches of at most 8: at least 4 guarded steps, the same number on both ranks.
+    stats = poll_until(guard_stats, 30, 0.2, "both ranks to report the same guarded steps")
     print(f"guard cost per step (CPU, gloo, loaded machine): {stats}")
-    assert stats[0]["steps"] == stats[1]["steps"]  # every step was guarded on both ranks
 
 
 def test_all_ranks_without_a_batch_skip_together_and_serving_goes_on(server):
@@ -150,7 +151,8 @@ def test_asymmetric_batch_restarts_the_group_and_the_retry_succeeds(server, reco
     record_property("mismatch_then_retry_s", round(time.monotonic() - start, 3))
     restarted(server, g)
     reasons = down_reasons(server, since)
-    assert "collective_mismatch" in reasons and "rank(s) [1] differ" in reasons and "fingerprints differ" in reasons
+    assert "collective_mismatch" in reasons and "fingerprints differ" in reasons
+    assert "rank(s) [1] differ" in reasons
 
 
 def test_asymmetric_batch_fails_with_a_clear_error_once_retries_are_spent(server):
@@ -256,7 +258,8 @@ import torch.distributed as dist
 from worker.guard import Batch, CollectiveGuard, GroupError, side_group
 rank, port_file, mode = int(sys.argv[1]), sys.argv[2], sys.argv[3]
 if rank == 0:
-    store = dist.TCPStore("127.0.0.1", 0, 2, is_master=True, wait_for_workers=False, timeout=timedelta(seconds=120))
+    store = dist.TCPStore("127.0.0.1", 0, 2, is_master=True, wait_for_workers=False,
+                          timeout=timedelta(seconds=120))
     with open(port_file + ".tmp", "w") as f:
         f.write(str(store.port))
     os.rename(port_file + ".tmp", port_file)
@@ -266,7 +269,8 @@ else:
         if time.monotonic() > deadline:
             sys.exit("no port file")
         threading.Event().wait(0.05)
-    store = dist.TCPStore("127.0.0.1", int(open(port_file).read()), 2, is_master=False, timeout=timedelta(seconds=120))
+    store = dist.TCPStore("127.0.0.1", int(open(port_file).read()), 2, is_master=False,
+                          timeout=timedelta(seconds=120))
 dist.init_process_group("gloo", store=store, rank=rank, world_size=2)
 guard = CollectiveGuard(side_group(2.0), rank, 2, 2.0)
 out = {"first": guard.check(Batch.of([1, 2]))}
@@ -305,6 +309,13 @@ def test_a_rank_that_never_reaches_the_guard_becomes_an_error_not_a_hang(tmp_pat
     assert "did not all arrive" in result["message"] and result["details"]["differing"] == [1]
 
 
+def test_guard_timeout_must_be_positive():
+    from orchestrator.config import PoolConfig, ServerConfig, validate
+
+    with pytest.raises(ValueError, match="guard_timeout must be > 0"):
+        validate(ServerConfig(pools=[PoolConfig(name="tp", tp=2, guard_timeout=0)]))
+
+
 def test_guard_decisions_doctests():
     import doctest
 
@@ -337,7 +348,8 @@ def test_tp2_generate_on_cpu_matches_tp1_and_recovers_from_a_mismatch_and_a_dead
     greedy = {"max_new_tokens": 8, "eos_token_id": []}
 
     ref = serve(["--handler", "generate", "--model", model, "--devices", "cpu:1"], env=env, timeout=START_S)
-    expected = [ref.client().run("generate", {"input_ids": p, **greedy}, timeout=120)["token_ids"] for p in prompts]
+    rc = ref.client()
+    expected = [rc.run("generate", {"input_ids": p, **greedy}, timeout=120)["token_ids"] for p in prompts]
     ref.terminate(timeout=120)
 
     config = json.dumps({"model": model, "skew_tokens": 13})  # a 13-token forward differs on rank 1
@@ -350,12 +362,11 @@ def test_tp2_generate_on_cpu_matches_tp1_and_recovers_from_a_mismatch_and_a_dead
         c.run("generate", {"input_ids": [101, 5], "temperature": 0.7}, timeout=60)
     assert err.value.code == "invalid_input" and "tp=2" in err.value.message
 
-    def guard_stats():
-        ranks = s.workers("generate")[0]["ranks"]
-        return ranks if all(r["guard"] and r["guard"]["steps"] for r in ranks) else None
-    ranks = poll_until(guard_stats, 30, 0.2, "guard stats from both generate ranks")
-    print(f"TP=2 generate guard cost: {[r['guard'] for r in ranks]}")
-    assert ranks[0]["guard"]["steps"] == ranks[1]["guard"]["steps"]  # every forward guarded on both ranks
+    def guard_stats():  # every forward guarded on both ranks: at least one per generated token
+        g = [r["guard"] for r in s.workers("generate")[0]["ranks"]]
+        return g if all(g) and g[0]["steps"] == g[1]["steps"] >= 8 else None
+    stats = poll_until(guard_stats, 30, 0.2, "the same guarded forwards on both generate ranks")
+    print(f"TP=2 generate guard cost: {stats}")
 
     # An injected asymmetric batch inside the CB engine: the forward hook stops both ranks, the group restarts.
     g = s.workers("generate")[0]

@@ -65,7 +65,12 @@ def main(argv: list | None = None) -> int:
     setup_logging(spec)
     from worker.process import serve
 
-    return serve(spec, build_context(spec))
+    code = serve(spec, build_context(spec))
+    # Skip interpreter teardown (torch, NCCL and gloo can take seconds to unwind); everything we own
+    # was closed by serve() and the coordinator is waiting to reap us.
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(code)
 
 
 if __name__ == "__main__":

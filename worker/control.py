@@ -57,6 +57,7 @@ class ControlThread(threading.Thread):
         self.group_info_event = threading.Event()
         self.stats_fn = lambda: None
         self._wake = None
+        self._closing = threading.Event()
 
     def run(self) -> None:
         sock = self._connect()
@@ -80,7 +81,7 @@ class ControlThread(threading.Thread):
         last_coord = time.monotonic()
         next_hb = 0.0
         beats = 0
-        while True:
+        while not self._closing.is_set():
             now = time.monotonic()
             if now >= next_hb:
                 self._check_orphan(now - last_coord, coord_timeout)
@@ -124,6 +125,12 @@ class ControlThread(threading.Thread):
             self.group_info_event.set()
         elif not isinstance(msg, WPing):
             log.warning("unexpected control message %s", msg.OP)
+
+    def close(self, timeout: float = 2.0) -> None:
+        """Stop heartbeating and close the control socket (the process is about to exit)."""
+        self._closing.set()
+        if self.is_alive():
+            self.join(timeout)
 
     def set_wake(self, wake) -> None:
         """Callable that wakes the compute loop's poll (so a cancel or stop acts at once)."""

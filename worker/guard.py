@@ -249,7 +249,10 @@ def forward_batch(args: tuple, kwargs: dict) -> Batch:
     main = ids if ids is not None else kwargs.get("inputs_embeds")
     tokens = int(main.shape[-1] if ids is not None else main.shape[-2]) if main is not None else 0
     cu = kwargs.get("cu_seq_lens_q")
-    size = int(cu.shape[0]) - 1 if isinstance(cu, torch.Tensor) else (int(main.shape[0]) if main is not None else 0)
+    if isinstance(cu, torch.Tensor):
+        size = int(cu.shape[0]) - 1  # a packed continuous-batching batch: one sequence per boundary pair
+    else:
+        size = int(main.shape[0]) if main is not None else 0
     digest = stable_hash(ids.flatten().tolist()) if ids is not None and ids.device.type == "cpu" else 0
     return Batch(size, tokens, digest, tuple((k, tuple(t.shape)) for k, t in tensors))
 

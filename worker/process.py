@@ -33,6 +33,21 @@ def serve(spec: dict, ctx) -> int:
         ctx.group = GroupRuntime(ctx, control, spec)
     loop = ComputeLoop(zctx, spec, handler, control, progress)
     try:
+        return _serve_loop(loop, ctx, spec, control)
+    finally:
+        # Close everything, then term() the context: it waits out the sockets' linger, so the last
+        # results (or the fatal reason) are on the wire before the process exits.
+        control.close()
+        try:
+            loop.close()
+        except Exception:
+            log.exception("closing the handler failed")
+        if not control.is_alive():  # term() would wait forever on a socket another thread still holds
+            zctx.term()
+
+
+def _serve_loop(loop: ComputeLoop, ctx, spec: dict, control: ControlThread) -> int:
+    try:
         loop.start()
     except Exception as e:
         return _fatal(loop, spec, e)
@@ -44,8 +59,6 @@ def serve(spec: dict, ctx) -> int:
             loop.run()
     except Exception as e:
         return _fatal(loop, spec, e)
-    finally:
-        loop.close()
     log.info("stopped: %s", control.stop_reason)
     return 0
 
@@ -60,6 +73,6 @@ def _fatal(loop: ComputeLoop, spec: dict, exc: Exception) -> int:
         sock = loop.zctx.socket(zmq.DEALER)
         sock.connect(spec["endpoint"])
     sock.send(Codec().encode(WFatal(spec["wid"], spec["incarnation"], code, message[-4000:])))
-    sock.close(linger=1000)  # blocks until the reason is delivered (or 1 s): it is worth the wait
+    sock.close(linger=1000)  # the context's term() waits up to 1 s for the reason to be delivered
     sys.stderr.flush()
     return 4

@@ -135,8 +135,9 @@ class ComputeLoop:
         poller.register(self.wakeup.fd, zmq.POLLIN)
         while not self.control.stop_event.is_set():
             busy = bool(self.pending) and not self.engine
-            poller.poll(0 if busy else IDLE_POLL_MS)
-            self.wakeup.clear()
+            events = poller.poll(0 if busy else IDLE_POLL_MS)
+            if any(target == self.wakeup.fd for target, _ in events):
+                self.wakeup.clear()  # only when set: reading an empty eventfd costs a syscall and a raise
             self._receive()
             if self.engine:
                 self._engine_turn()

@@ -1,8 +1,9 @@
 """One rank's membership of its tensor-parallel group: rendezvous, process groups, guard, leader and followers.
 
-Rendezvous, with no free-port race: rank 0 starts a torch TCPStore on port 0 and reports the port it got
-(WGroupReport on its data socket); the coordinator relays it to the other ranks' control sockets (WGroupInfo);
-they wait for it with a timeout. Every incarnation of a group gets a new store, so nothing stale is read.
+Rendezvous, with no free-port race: rank 0 starts a torch TCPStore on a loopback socket it bound to port 0
+and reports the port it got (WGroupReport on its data socket); the coordinator relays it to the other ranks'
+control sockets (WGroupInfo, also sent to a rank whose control socket connects later); they wait for it with
+a timeout. Every incarnation of a group gets a new store, so nothing stale is read.
 
 Process groups, created in the same order on every rank (creation is collective):
 - the main group: NCCL on GPU (device `cuda:<rank>`, gloo for CPU tensors), gloo on CPU. The model's
@@ -25,6 +26,7 @@ from __future__ import annotations
 import logging
 import os
 import queue
+import socket
 import threading
 import time
 from datetime import timedelta
@@ -57,8 +59,10 @@ class GroupRuntime:
         self.rank, self.world_size = ctx.rank, ctx.world_size
         self.guard_timeout = float(spec.get("guard_timeout") or GUARD_TIMEOUT_S)
         self.guard: CollectiveGuard | None = None
+        self.device = "cpu"  # where tensors for the main group's collectives live (cuda:<rank> with NCCL)
         self.failure: GroupError | None = None
         self._plan_group = None
+        self._listen_sock: socket.socket | None = None  # rank 0: the store's listening socket
         self._plans: queue.SimpleQueue = queue.SimpleQueue()
         self._receiver: threading.Thread | None = None
         self._closed = False
@@ -91,8 +95,7 @@ class GroupRuntime:
     def _rendezvous(self, send) -> dist.Store:
         timeout = timedelta(seconds=RENDEZVOUS_TIMEOUT_S)
         if self.rank == 0:
-            store = dist.TCPStore(HOST, 0, self.world_size, is_master=True, wait_for_workers=False,
-                                  timeout=timeout)
+            store = self._master_store(timeout)
             send(WGroupReport(self.spec["wid"], self.spec["incarnation"], {"host": HOST, "port": store.port}))
             return store
         if not self.control.group_info_event.wait(RENDEZVOUS_TIMEOUT_S):
@@ -102,12 +105,29 @@ class GroupRuntime:
         return dist.TCPStore(info["host"], int(info["port"]), self.world_size, is_master=False,
                              timeout=timeout)
 
+    def _master_store(self, timeout: timedelta) -> dist.Store:
+        """Rank 0's store on a loopback socket we bind to port 0 ourselves: the kernel picks the port (no
+        race), and the store listens on 127.0.0.1 only (given a port, TCPStore listens on every interface)."""
+        self._listen_sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)  # kept open: the store uses it
+        self._listen_sock.bind((HOST, 0))
+        self._listen_sock.listen(self.world_size * 8)
+        try:
+            return dist.TCPStore(HOST, self._listen_sock.getsockname()[1], self.world_size, is_master=True,
+                                 wait_for_workers=False, timeout=timeout,
+                                 master_listen_fd=self._listen_sock.fileno())
+        except (TypeError, RuntimeError, ValueError) as e:  # a torch without master_listen_fd support
+            log.warning("TCPStore on a pre-bound socket failed (%s); binding port 0 on every interface", e)
+            self._listen_sock.close()
+            return dist.TCPStore(HOST, 0, self.world_size, is_master=True, wait_for_workers=False,
+                                 timeout=timeout)
+
     def _init_groups(self, store) -> None:
         timeout = timedelta(seconds=COLLECTIVE_TIMEOUT_S)
         # Explicit GPU ids on a machine without CUDA (CPU tests of placement): gloo, never NCCL.
         if self.ctx.device.startswith("cuda") and torch.cuda.is_available():
             device = torch.device(self.ctx.device)
             torch.cuda.set_device(device)
+            self.device = self.ctx.device
             dist.init_process_group("cpu:gloo,cuda:nccl", store=store, rank=self.rank,
                                     world_size=self.world_size, timeout=timeout, device_id=device)
         else:

@@ -14,8 +14,8 @@ Config: "mismatch_on", "mismatch_rank", "once_dir", "max_batch" (8).
 
 SkewedGenerateHandler: the generate handler plus a test switch for TP groups, used by the tests and
 scripts/gpu_check_tp.py ("worker.handlers.tp_test:SkewedGenerateHandler"): on rank "skew_rank" (default 1), a
-forward of one sequence of exactly "skew_tokens" tokens shows the collective guard a different fingerprint (an injected
-asymmetric batch, as if that rank had scheduled other requests).
+forward of one sequence of exactly "skew_tokens" tokens shows the collective guard a different fingerprint
+(an injected asymmetric batch, as if that rank had scheduled other requests).
 """
 from __future__ import annotations
 
@@ -96,8 +96,7 @@ class AllReduceHandler(Handler):
 
         from worker.guard import GroupError
 
-        device = self.ctx.device if self.ctx.device.startswith("cuda") else "cpu"
-        t = torch.tensor(values, dtype=torch.float64, device=device) * (self.ctx.rank + 1)
+        t = torch.tensor(values, dtype=torch.float64, device=self.ctx.group.device) * (self.ctx.rank + 1)
         try:
             dist.all_reduce(t)  # the main group: what a model's collectives would use
         except RuntimeError as e:  # a peer died mid-collective: the group restarts, the jobs are retried
