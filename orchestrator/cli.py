@@ -174,23 +174,15 @@ def job_input(args):
 
 
 def cmd_submit(args) -> int:
-    from .client import RequestError
-
-    with make_client(args) as c:
+    def submit(c) -> int:
         job = c.submit(args.pool, job_input(args), stream=args.stream, timeout=args.job_timeout)
-        try:
-            if args.stream:
-                for chunk in job:
-                    print(json.dumps(chunk, default=_json_default), flush=True)
-            out = job.result(timeout=args.timeout)
-        except RequestError as e:
-            print(f"error [{e.code}]: {e.message}", file=sys.stderr)
-            return EXIT_FAILED
-        except TimeoutError as e:
-            print(f"error: {e}", file=sys.stderr)
-            return EXIT_NO_ANSWER
-    print(json.dumps(out, default=_json_default, indent=None))
-    return EXIT_OK
+        if args.stream:
+            for chunk in job:
+                print(json.dumps(chunk, default=_json_default), flush=True)
+        print(json.dumps(job.result(timeout=args.timeout), default=_json_default))
+        return EXIT_OK
+
+    return _call(args, submit)
 
 
 def _json_default(obj):

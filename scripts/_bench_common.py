@@ -58,7 +58,7 @@ def write_json(data: dict, path: str | None, default_name: str) -> list[str]:
 
 def require_gpus(n: int, what: str) -> int:
     """Number of visible GPUs (counted without torch or a CUDA context, so that this process holds no
-    GPU memory); exits 2 with a clear message when fewer than `n`."""
+    GPU memory); exits (status 1) with a clear message when fewer than `n`."""
     from orchestrator.placement import visible_gpus
 
     have = len(visible_gpus())

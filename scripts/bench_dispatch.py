@@ -222,6 +222,15 @@ async def _async_latency(address: str, n: int) -> list:
 # and the orchestrator back to back, and each figure's ratio is the median of its per-round ratios.
 
 
+def interleaved(a, b, n: int, block: int = 100) -> tuple[list, list]:
+    """n round trips each of a and b, alternating in blocks, so that both see the same load."""
+    xs, ys = [], []
+    for _ in range(max(1, n // block)):
+        xs += a(block)
+        ys += b(block)
+    return xs, ys
+
+
 def rounds(args, floor: Floor, workers: int) -> list:
     """`repeat` rounds against one `serve --devices cpu:N --handler echo`; each a dict of figures."""
     out = []
@@ -230,8 +239,7 @@ def rounds(args, floor: Floor, workers: int) -> list:
         for _ in range(args.repeat):
             r = {}
             if workers == 1:
-                r["floor_lat"] = floor.latency(args.n_latency)
-                r["lat"] = orch_latency(c, args.n_latency)
+                r["floor_lat"], r["lat"] = interleaved(floor.latency, lambda k: orch_latency(c, k), args.n_latency)
                 r["async_lat"] = asyncio.run(_async_latency(serve.address, args.n_latency // 2))
             r["floor_rate"] = floor.pipelined(args.n_pipelined, args.window)
             r["rate"] = orch_pipelined_sync(c, args.n_pipelined, args.window)

@@ -194,9 +194,10 @@ def main(argv=None) -> int:
     p.add_argument("--concurrency", type=int, default=16, help="requests in flight per GPU")
     p.add_argument("--waves", type=int, default=3, help="timed waves per mode")
     p.add_argument("--skip", default="", help="comma-separated: orchestrator,inproc,threads")
-    p.add_argument("--timeout", type=float, default=240, help="seconds per server start or baseline")
-    p.add_argument("--budget", type=float, default=420,
-                   help="seconds after which no further mode is started (default 420)")
+    p.add_argument("--timeout", type=float, default=150, help="seconds per server start or baseline")
+    p.add_argument("--budget", type=float, default=330,
+                   help="seconds after which no further mode is started (default 330: with --timeout, "
+                        "the run ends within about 8 minutes whatever happens)")
     p.add_argument("--smoke", action="store_true", help="tiny CPU run of the plumbing (no GPU)")
     p.add_argument("--out", help="JSON results file (also $OUT/bench_gpu_scaling.json)")
     args = p.parse_args(argv)
@@ -212,12 +213,18 @@ def main(argv=None) -> int:
     res["model"] = steps.run("build model", bench.build)
     plan = []
     if res["model"]:
-        if "orchestrator" not in args.skip:
-            plan += [("orchestrator", str(n), f"orchestrator x{n}", bench.orchestrator, (n,)) for n in args.gpus]
-        if "inproc" not in args.skip:
-            plan.append(("inproc", None, "in-process (CB manager, generate_batch)", bench.inproc, ()))
-        if "threads" not in args.skip:
-            plan += [("threads", str(n), f"threads x{n}", bench.threads, (n,)) for n in args.gpus if n > 1]
+        # The figures the goals need come first (1 and the largest N, in-process, threads at the largest
+        # N), the middle N last: if the time budget runs out, it is what gets skipped.
+        top = max(args.gpus)
+        order = [("orchestrator", 1), ("orchestrator", top), ("inproc", 1), ("threads", top)]
+        order += [(k, n) for n in args.gpus if 1 < n < top for k in ("orchestrator", "threads")]
+        for kind, n in dict.fromkeys(order):
+            if kind in args.skip or (kind == "threads" and n == 1):
+                continue
+            if kind == "inproc":
+                plan.append(("inproc", None, "in-process (CB manager, generate_batch)", bench.inproc, ()))
+            else:
+                plan.append((kind, str(n), f"{kind} x{n}", getattr(bench, kind), (n,)))
     for kind, key, name, fn, fargs in plan:
         r = steps.run(name, fn, *fargs)
         if r is None:

@@ -228,7 +228,7 @@ def main(argv=None) -> int:
     p.add_argument("--parity-prompts", type=int, default=8)
     p.add_argument("--parity-tokens", type=int, default=32)
     p.add_argument("--skip", default="", help="comma-separated steps to skip: parity,throughput")
-    p.add_argument("--timeout", type=float, default=240, help="seconds per server start or baseline")
+    p.add_argument("--timeout", type=float, default=180, help="seconds per server start or baseline")
     p.add_argument("--out", help="JSON results file (also $OUT/gpu_check_models.json)")
     args = p.parse_args(argv)
     if not args.smoke:

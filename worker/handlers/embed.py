@@ -119,15 +119,9 @@ class EmbedHandler(Handler):
         self.dim = self.model.config.hidden_size * len(self.modes)
 
     def _dtype(self):
-        import torch
+        from worker.models import torch_dtype
 
-        name = self.config.get("dtype", "auto")
-        if name == "auto":
-            return torch.float32 if self.ctx.device == "cpu" else "auto"
-        dtype = getattr(torch, str(name), None)
-        if not isinstance(dtype, torch.dtype):
-            raise ValueError(f"embed handler: unknown dtype {name!r}")
-        return dtype
+        return torch_dtype(self.config.get("dtype", "auto"), self.ctx.device, "embed")
 
     def _default_max_length(self, path: str) -> int:
         st_config = os.path.join(path, "sentence_bert_config.json")

@@ -2,7 +2,8 @@
 
 Config: "model" (required: local path or hub id), "dtype" ("auto": float32 on CPU, the checkpoint's dtype
 on GPU), "device_map", "attn_implementation" ("sdpa"), "capacity" (32), "max_new_tokens_cap" (1024),
-"default_max_new_tokens" (64), "max_batch_tokens", "cb" (extra ContinuousBatchingConfig fields, e.g.
+"default_max_new_tokens" (64), "admit_window_ms" (2: jobs arriving this close together join the
+engine as one burst), "max_batch_tokens", "cb" (extra ContinuousBatchingConfig fields, e.g.
 {"num_blocks": 512, "seed": 0}).
 
 Input: exactly one of "prompt" (str), "input_ids" (list[int]) or "messages" (chat, rendered with the
@@ -34,7 +35,7 @@ from worker.guard import GroupError
 from worker.handler import EngineHandler, Job, check
 
 CONFIG_KEYS = frozenset({
-    "model", "dtype", "device_map", "attn_implementation", "capacity", "max_new_tokens_cap",
+    "model", "dtype", "device_map", "attn_implementation", "capacity", "max_new_tokens_cap", "admit_window_ms",
     "default_max_new_tokens", "max_batch_tokens", "cb",
 })
 PROMPT_KEYS = ("prompt", "input_ids", "messages")
@@ -286,6 +287,9 @@ class GenerateHandler(EngineHandler):
         if "model" not in self.config:
             raise ValueError("generate handler: config needs 'model' (a local path or a hub id)")
         self.capacity = int(self.config.get("capacity", 32))
+        # Jobs arriving within 2 ms of each other join the engine as one burst: CB ran half as fast when a
+        # wave's requests trickled in 0.2 ms apart (scripts/diag_cb_arrival.py).
+        self.admit_window_s = float(self.config.get("admit_window_ms", 2.0)) / 1000
         self.model = None
         self.tokenizer = None
         self.limits: Limits | None = None
@@ -327,16 +331,9 @@ class GenerateHandler(EngineHandler):
         return model.eval()
 
     def _dtype(self):
-        import torch
+        from worker.models import torch_dtype
 
-        name = self.config.get("dtype", "auto")
-        if name == "auto":
-            # CPU kernels for bf16/fp16 are slow or missing; on GPU keep the checkpoint's dtype.
-            return torch.float32 if self.ctx.device == "cpu" else "auto"
-        dtype = getattr(torch, str(name), None)
-        if not isinstance(dtype, torch.dtype):
-            raise ValueError(f"generate handler: unknown dtype {name!r}")
-        return dtype
+        return torch_dtype(self.config.get("dtype", "auto"), self.ctx.device, "generate")
 
     def _limits(self) -> Limits:
         text_cfg = self.model.config.get_text_config()
