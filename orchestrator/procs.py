@@ -177,6 +177,11 @@ def worker_env(spec: SlotSpec, rank: int) -> dict:
     # Set before the worker starts, so CUDA inside it only ever sees this slot's devices.
     env["CUDA_VISIBLE_DEVICES"] = cuda_visible(spec.devices)
     env["CUDA_DEVICE_ORDER"] = "PCI_BUS_ID"  # CUDA and NVML then number GPUs the same way
+    if env["CUDA_VISIBLE_DEVICES"]:
+        # Streams share the device's hardware queues (8 by default), each of which blocks the host once
+        # ~1,021 operations wait in it. With 32, 10,000 pooled transfers queued behind a long kernel never
+        # blocked the host; with 8 the host blocked at transfer 4,084 (docs/benchmarks.md, streams).
+        env.setdefault("CUDA_DEVICE_MAX_CONNECTIONS", "32")
     threads = spec.cpu_threads or (len(spec.cores[rank]) if spec.cores else None)
     if threads:
         env["OMP_NUM_THREADS"] = str(threads)

@@ -12,6 +12,7 @@ import traceback
 import types
 from collections import deque
 
+import psutil
 import zmq
 
 from protocol import Codec, JobError
@@ -106,14 +107,17 @@ class ComputeLoop:
         self.handler.ctx.progress = self.progress
         self.sock = self._connect()  # before load, so that a load failure can be reported on it
         self.progress.begin()  # loading counts as a step: a hung load is caught by the watchdog
+        boot_s = time.time() - psutil.Process().create_time()  # interpreter start and imports so far
+        t0 = time.perf_counter()
         if self.group is not None:
             self.group.start(self.send)  # rendezvous first: a TP model loads into its group
         self.handler.load()
         self.progress.end()
         spec, h = self.spec, self.handler
         capacity = int(spec.get("capacity") or h.capacity)
-        self.send(WReady(spec["wid"], spec["incarnation"], capacity, spec["devices"], h.replay_safe,
-                         h.info()))
+        # Where cold start goes, per worker: visible in status under info.
+        info = {**h.info(), "boot_s": round(boot_s, 3), "load_s": round(time.perf_counter() - t0, 3)}
+        self.send(WReady(spec["wid"], spec["incarnation"], capacity, spec["devices"], h.replay_safe, info))
 
     def _connect(self) -> zmq.Socket:
         sock = self.zctx.socket(zmq.DEALER)
