@@ -27,7 +27,7 @@ import zmq
 from protocol import Codec, JobError, ProtocolError
 from protocol.codec import INTERNAL_LIMITS
 from protocol.messages import (
-    Cancel, Chunk, Error, Health, Ok, Ping, Result, Scale, Status, Stop, Submit,
+    Cancel, Chunk, Error, Health, Ping, Result, Scale, Status, Stop, Submit,
 )
 from . import security
 

@@ -18,6 +18,8 @@ from typing import Any, Callable, ClassVar
 from .errors import BadField
 
 PROTOCOL_VERSION = 1
+# A client-chosen request id. Annotations stay strings (see _CHECKS); this alias is for readers and linters.
+RequestId = int | str | bytes
 
 
 def _is_id(v: Any) -> bool:

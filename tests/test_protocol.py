@@ -16,7 +16,7 @@ from protocol import (
     ALL_CODES, BadField, Codec, Limits, MESSAGES, MalformedMessage, Message, MessageTooLarge, NDArray,
     PROTOCOL_VERSION, ProtocolError, UnknownOp, UnsupportedVersion, errors as E,
 )
-from protocol.messages import CLIENT_REPLIES, CLIENT_REQUESTS, Error, Result, Scale, Submit
+from protocol.messages import CLIENT_REPLIES, CLIENT_REQUESTS, Error, Result, Submit
 
 REPO = pathlib.Path(__file__).resolve().parent.parent
 ARRAY = NDArray.from_numpy(np.arange(6, dtype=np.float32).reshape(2, 3))
