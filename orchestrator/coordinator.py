@@ -31,6 +31,7 @@ from .jobs import Job
 from .metrics import make_metrics
 from .placement import available_cores, split_cores
 from .pools import Pool
+from .procs import Slot
 from .states import (
     COORDINATOR_TRANSITIONS, CoordinatorState as CS, JobState as JS, WorkerState as WS, move,
 )
@@ -143,8 +144,6 @@ class Coordinator(ClientOps):
             self._start_new_slot(pool, index, ranks)
 
     def _start_new_slot(self, pool: Pool, index: int, cores: list) -> None:
-        from .procs import Slot
-
         slot = pool.slots.get(index)
         if slot is None or slot.state == WS.STOPPED:
             slot = Slot(pool.slot_spec(index, cores))
