@@ -99,6 +99,12 @@ class JobHandle:
                 return
             yield item
 
+    @property
+    def meta(self) -> dict | None:
+        """The result's metadata once the job has succeeded (`worker`, `attempts`, `run_ms`), else None."""
+        outcome = self._p.outcome
+        return outcome.meta if isinstance(outcome, Result) else None
+
     def cancel(self, timeout: float = 10.0) -> dict:
         """Ask the coordinator to cancel this job; the job then ends with code `cancelled`."""
         return self.client._request(lambda rid: Cancel(rid, self.id), timeout)

@@ -38,6 +38,7 @@ class PoolConfig:
     restart_backoff: float = 0.05  # first restart delay, doubled per consecutive failure
     restart_backoff_max: float = 5.0
     cpu_threads: int | None = None  # torch threads per CPU worker; None: its share of the cores
+    cpu_affinity: bool = True  # pin each worker to its share of the cores (False: its threads may run anywhere)
     env: dict = field(default_factory=dict)  # extra environment for this pool's workers
     guard_timeout: float = 5.0  # tp > 1: seconds a rank waits for the others at a collective guard step
 

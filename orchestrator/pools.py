@@ -36,7 +36,8 @@ class Pool:
         cfg = self.cfg
         return SlotSpec(pool=self.name, index=index, devices=self.groups[index], handler=cfg.handler,
                         config=cfg.config, tp=cfg.tp, cores=tuple(tuple(c) for c in cores),
-                        capacity=cfg.capacity, cpu_threads=cfg.cpu_threads, env=cfg.env,
+                        capacity=cfg.capacity, cpu_threads=cfg.cpu_threads, cpu_affinity=cfg.cpu_affinity,
+                        env=cfg.env,
                         guard_timeout=cfg.guard_timeout)
 
     def live_slots(self) -> list[Slot]:

@@ -38,6 +38,7 @@ class SlotSpec:
     cores: tuple = ()  # one tuple of cores per rank
     capacity: int | None = None
     cpu_threads: int | None = None
+    cpu_affinity: bool = True  # pin each rank to its cores; else they only size its thread pools
     env: dict = field(default_factory=dict)
     guard_timeout: float = 5.0  # tp > 1 only
 
@@ -162,12 +163,15 @@ def worker_spec(spec: SlotSpec, rank: int, incarnation: int, endpoint: str, cfg)
         "incarnation": incarnation,
         "endpoint": endpoint,
         "parent_pid": os.getpid(),
-        "cores": list(spec.cores[rank]) if spec.cores else None,
+        "cores": list(spec.cores[rank]) if spec.cores and spec.cpu_affinity else None,
         "capacity": spec.capacity,
         "hb_interval": cfg.hb_interval,
         "coord_timeout": cfg.coord_timeout,
         "log_level": cfg.log_level,
         "guard_timeout": spec.guard_timeout,
+        # CLOCK_MONOTONIC is one clock for the host: the worker measures its boot from here. (The process's
+        # start time from /proc is anchored to a whole-second boot time, up to 1 s off.)
+        "spawned_at": time.monotonic(),
     }
 
 

@@ -25,9 +25,13 @@ Output: tok/s per mode; scaling efficiency (N workers / (N x 1 worker)); ratio t
 (N workers / (N x in-process)); orchestrator N vs threads N; cold start (serve launch until all N
 workers are READY) against one worker. Goals: efficiency >= 0.97 at N = 2 and 4; 1 worker >= 0.98 x
 in-process; orchestrator N=4 >= 4x threads N=4; cold start N / cold start 1 <= 1.2.
+With `--repeats R` each orchestrator mode runs R times (N alternating, a fresh server each time) and the
+table gives medians, with efficiency paired by repeat: one worker's rate follows the speed of the single
+CPU core its engine thread runs on, which differs from server to server (scripts/diag_scaling.py).
 Writes JSON to --out and $OUT/bench_gpu_scaling.json. `--smoke`: tiny CPU run of the plumbing.
 
-  PYTHONPATH=$PWD python scripts/bench_gpu_scaling.py --gpus 1,2,4 --out docs/bench_results/gpu_scaling.json
+  PYTHONPATH=$PWD python scripts/bench_gpu_scaling.py --gpus 1,2,4 --repeats 3 --budget 480 \
+      --out docs/bench_results/gpu_scaling.json
 """
 import os
 
@@ -110,18 +114,20 @@ class Bench:
         with Serve(["--config", cfg]).start(timeout=a.timeout) as serve, Client(serve.address) as c:
             orch_waves(c, "gen", [sum(self.warm[:n], [])], a.new_tokens, a.timeout)
             run = orch_waves(c, "gen", waves, a.new_tokens, a.timeout)
-            served = {w["name"]: w["completed"] for w in c.status()["pools"]["gen"]["workers"]}
+            workers = c.status()["pools"]["gen"]["workers"]
+        served = {w["name"]: w["completed"] for w in workers}
+        # Where each worker's start went (its READY info): boot, load and the load's phases.
+        starts = {w["name"]: {k: w["info"].get(k) for k in ("boot_s", "load_s", "load_phases")} for w in workers}
         return {"n": n, "cold_start_s": serve.ready_s, "seconds": run["seconds"], "tokens": run["tokens"],
-                "tok_s": run["tokens"] / run["seconds"], "served": served}
+                "tok_s": run["tokens"] / run["seconds"], "served": served, "starts": starts}
 
-    def inproc(self) -> dict:
+    def inproc(self, methods: tuple = ("manager", "generate_batch")) -> dict:
         env, devices = self.role_env(1)
         spec = {"model": self.model, "dtype": self.dtype, "device": devices[0], "new_tokens": self.args.new_tokens,
-                "cb": self.cb, "warmup": [self.warm[0]], "runs": {"timed": self.timed[0]},
-                "methods": ["manager", "generate_batch"]}
+                "cb": self.cb, "warmup": [self.warm[0]], "runs": {"timed": self.timed[0]}, "methods": list(methods)}
         out = run_role("inproc", spec, env, self.args.timeout)
         res = {"n": 1, "load_s": out["load_s"]}
-        for method in ("manager", "generate_batch"):
+        for method in methods:
             run = out[method]["timed"]
             res[method] = {"seconds": run["seconds"], "tokens": run["tokens"], "tok_s": run["tokens"] / run["seconds"]}
         res["tok_s"] = res["manager"]["tok_s"]  # the stricter baseline: the engine a worker runs
@@ -146,22 +152,83 @@ class Bench:
         raise RuntimeError(f"threads x{n}: every method failed: {tried}")
 
 
+def plan_steps(bench: Bench, args) -> list:
+    """(kind, key, name, fn, args) in run order. The figures the goals need come first (1 and the largest
+    N, in-process, threads at the largest N), the middle N last: if the time budget runs out, it is what
+    gets skipped. With --repeats R the orchestrator modes run R times, alternating N (1, top, middle, 1,
+    ...), each with a fresh server: a worker's rate follows the speed of the one CPU core its engine
+    thread runs on, which differs between servers (docs/benchmarks.md, GPU scaling)."""
+    top = max(args.gpus)
+    middle = [n for n in args.gpus if 1 < n < top]
+    order = [("orchestrator", 1, 0), ("orchestrator", top, 0), ("inproc", 1, 0), ("threads", top, 0)]
+    for r in range(args.repeats):
+        order += [("orchestrator", n, r) for n in [1, top, *middle]] + [("inproc", 1, r)]
+    order += [(k, n, 0) for n in middle for k in ("orchestrator", "threads")]
+    plan = []
+    for kind, n, r in dict.fromkeys(order):
+        if kind in args.skip or (kind == "threads" and n == 1):
+            continue
+        if kind == "inproc" and r == 0:
+            plan.append(("inproc", None, "in-process (CB manager, generate_batch)", bench.inproc, ()))
+        elif kind == "inproc":  # repeats: the strict baseline only, paired with the 1-worker run
+            plan.append(("inproc", None, f"in-process (CB manager, repeat {r + 1}/{args.repeats})", bench.inproc,
+                         (("manager",),)))
+        else:
+            suffix = f" (repeat {r + 1}/{args.repeats})" if kind == "orchestrator" and args.repeats > 1 else ""
+            plan.append((kind, str(n), f"{kind} x{n}{suffix}", getattr(bench, kind), (n,)))
+    return plan
+
+
+def combine(runs: list) -> dict:
+    """One mode over its repeats: the median tok/s (and cold start), and every run."""
+    import statistics
+
+    out = {"n": runs[0]["n"], "tok_s": statistics.median(r["tok_s"] for r in runs), "runs": runs}
+    if "cold_start_s" in runs[0]:
+        out["cold_start_s"] = statistics.median(r["cold_start_s"] for r in runs)
+    return out
+
+
+def paired_ratio(a_runs: list, b_runs: list, scale: int = 1) -> tuple[float | None, list]:
+    """Median over repeats of b / (scale x a), pairing run k of each, and the per-repeat values."""
+    import statistics
+
+    vals = [b["tok_s"] / (scale * a["tok_s"]) for a, b in zip(a_runs, b_runs)]
+    return (statistics.median(vals) if vals else None), vals
+
+
+def paired_efficiency(orch: dict, n: int) -> tuple[float | None, list]:
+    """Median over repeats of N workers / (N x the 1-worker run of the same repeat), and the per-repeat
+    values. Pairing by repeat keeps runs taken minutes apart from being compared."""
+    import statistics
+
+    ones, ns = orch.get("1", {}).get("runs", []), orch.get(str(n), {}).get("runs", [])
+    effs = [b["tok_s"] / (n * a["tok_s"]) for a, b in zip(ones, ns)]
+    return (statistics.median(effs) if effs else None), effs
+
+
 def summarize(res: dict, gpus: list) -> tuple[str, dict]:
     orch, thr, inp = res["orchestrator"], res["threads"], res.get("inproc")
     one = orch.get("1")
     rows, goals = [], {}
     if inp:
-        rows.append(["in-process, CB manager", 1, f"{inp['tok_s']:,.0f}", "", "1.000", "", "", ""])
+        rows.append(["in-process, CB manager", 1, f"{inp['tok_s']:,.0f}", "", "1.000", "", "", "",
+                     ", ".join(f"{r['tok_s']:,.0f}" for r in inp.get("runs", []))])
         gb = inp["generate_batch"]["tok_s"]
         rows.append(["in-process, generate_batch", 1, f"{gb:,.0f}", "", _f(gb / inp["tok_s"]), "", "", ""])
     for n in gpus:
         o = orch.get(str(n))
         if o:
-            eff = o["tok_s"] / (n * one["tok_s"]) if one else None
+            eff, per_repeat = paired_efficiency(orch, n) if one else (None, [])
             vs_in = o["tok_s"] / (n * inp["tok_s"]) if inp else None
+            if n == 1 and inp and inp.get("runs") and o.get("runs"):
+                # 1 worker vs in-process, paired by repeat: both are one engine thread on one CPU core
+                vs_in, per_repeat = paired_ratio(inp["runs"], o["runs"])
             cold = o["cold_start_s"] / one["cold_start_s"] if one else None
             rows.append([f"orchestrator, {n} worker(s)", n, f"{o['tok_s']:,.0f}", _f(eff), _f(vs_in), "",
-                         f"{o['cold_start_s']:.1f}", _f(cold)])
+                         f"{o['cold_start_s']:.1f}", _f(cold),
+                         ", ".join(f"{r['tok_s']:,.0f}" for r in o.get("runs", [])),
+                         ("" if n > 1 else "vs in-proc: ") + ", ".join(f"{e:.3f}" for e in per_repeat)])
             if n > 1 and eff is not None:
                 goals[f"efficiency_{n}"] = (eff, ">= 0.97", eff >= 0.97)
                 goals[f"cold_start_{n}_vs_1"] = (cold, "<= 1.2", cold <= 1.2)
@@ -174,11 +241,36 @@ def summarize(res: dict, gpus: list) -> tuple[str, dict]:
                          _f(t["tok_s"] / (n * inp["tok_s"]) if inp else None), _f(vs_thr), "", ""])
             if n == max(gpus) and vs_thr is not None:
                 goals[f"orch_{n}_vs_threads_{n}"] = (vs_thr, ">= 4", vs_thr >= 4)
+    rows = [r + [""] * (10 - len(r)) for r in rows]
     table = fmt_table(["mode", "GPUs", "tok/s", "efficiency", "vs N x in-proc", "orch / threads",
-                       "cold start s", "cold vs 1"], rows)
-    lines = [table, ""] + [f"goal {k}: {v[0]:.3f} (target {v[1]}) {'PASS' if v[2] else 'MISS'}"
-                           for k, v in goals.items()]
+                       "cold start s", "cold vs 1", "tok/s per repeat", "efficiency per repeat"], rows)
+    lines = [table, "", cold_start_table(orch, gpus), ""]
+    lines += [f"goal {k}: {v[0]:.3f} (target {v[1]}) {'PASS' if v[2] else 'MISS'}" for k, v in goals.items()]
     return "\n".join(lines), {k: {"value": v[0], "target": v[1], "passed": v[2]} for k, v in goals.items()}
+
+
+def cold_start_table(orch: dict, gpus: list) -> str:
+    """Per N, medians over repeats: serve launch -> all READY; the slowest worker's boot (interpreter and
+    imports) and load, with the load's phases (READY info); and what is left (spawning, the coordinator,
+    READY delivery)."""
+    import statistics
+
+    rows = []
+    for n in gpus:
+        runs = [r for r in orch.get(str(n), {}).get("runs", []) if r.get("starts")]
+        if not runs:
+            continue
+        slowest = [max(r["starts"].values(), key=lambda w: (w["boot_s"] or 0) + (w["load_s"] or 0)) for r in runs]
+        med = lambda xs: statistics.median(xs)  # noqa: E731
+        total = [(w["boot_s"] or 0) + (w["load_s"] or 0) for w in slowest]
+        phases = sorted({k for w in slowest for k in (w.get("load_phases") or {})})
+        rows.append([n, f"{med([r['cold_start_s'] for r in runs]):.2f}", f"{med([w['boot_s'] for w in slowest]):.2f}",
+                     f"{med([w['load_s'] for w in slowest]):.2f}",
+                     "  ".join(f"{k.removesuffix('_s')} {med([(w.get('load_phases') or {}).get(k, 0) for w in slowest]):.2f}"
+                               for k in phases),
+                     f"{med([r['cold_start_s'] - t for r, t in zip(runs, total)]):.2f}"])
+    return fmt_table(["N", "cold start s", "slowest worker boot s", "its load s", "its load phases s",
+                      "rest s"], rows)
 
 
 def _f(v) -> str:
@@ -193,6 +285,9 @@ def main(argv=None) -> int:
     p.add_argument("--prompt-len", type=int, default=64)
     p.add_argument("--concurrency", type=int, default=16, help="requests in flight per GPU")
     p.add_argument("--waves", type=int, default=3, help="timed waves per mode")
+    p.add_argument("--repeats", type=int, default=1,
+                   help="runs of each orchestrator mode, N alternating, each with a fresh server; tok/s, "
+                        "cold start and efficiency are then medians (efficiency paired by repeat)")
     p.add_argument("--skip", default="", help="comma-separated: orchestrator,inproc,threads")
     p.add_argument("--timeout", type=float, default=150, help="seconds per server start or baseline")
     p.add_argument("--budget", type=float, default=330,
@@ -211,27 +306,20 @@ def main(argv=None) -> int:
     res: dict = {"date": time.strftime("%Y-%m-%d %H:%M:%S"), "command": " ".join(sys.argv), "args": vars(args),
                  "engine": bench.cb, "orchestrator": {}, "threads": {}}
     res["model"] = steps.run("build model", bench.build)
-    plan = []
-    if res["model"]:
-        # The figures the goals need come first (1 and the largest N, in-process, threads at the largest
-        # N), the middle N last: if the time budget runs out, it is what gets skipped.
-        top = max(args.gpus)
-        order = [("orchestrator", 1), ("orchestrator", top), ("inproc", 1), ("threads", top)]
-        order += [(k, n) for n in args.gpus if 1 < n < top for k in ("orchestrator", "threads")]
-        for kind, n in dict.fromkeys(order):
-            if kind in args.skip or (kind == "threads" and n == 1):
-                continue
-            if kind == "inproc":
-                plan.append(("inproc", None, "in-process (CB manager, generate_batch)", bench.inproc, ()))
-            else:
-                plan.append((kind, str(n), f"{kind} x{n}", getattr(bench, kind), (n,)))
-    for kind, key, name, fn, fargs in plan:
+    runs: dict = {}  # orchestrator N -> one result per repeat
+    for kind, key, name, fn, fargs in plan_steps(bench, args) if res["model"] else []:
         r = steps.run(name, fn, *fargs)
         if r is None:
             continue
         print(f"  -> {name}: {r['tok_s']:,.0f} tok/s" + (f", cold start {r['cold_start_s']:.1f} s"
                                                           if "cold_start_s" in r else ""), flush=True)
-        if key is None:
+        if kind == "orchestrator":
+            runs.setdefault(key, []).append(r)
+            res[kind][key] = combine(runs[key])
+        elif kind == "inproc":
+            runs.setdefault("inproc", []).append(r)
+            res[kind] = {**runs["inproc"][0], **combine(runs["inproc"])}
+        elif key is None:
             res[kind] = r
         else:
             res[kind][key] = r

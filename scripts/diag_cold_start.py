@@ -15,9 +15,11 @@ for _k, _v in {"NCCL_NVLS_ENABLE": "0", "TORCH_SYMM_MEM_DISABLE_MULTICAST": "1",
     os.environ.setdefault(_k, _v)
 
 import argparse  # noqa: E402
+import json  # noqa: E402
 import sys  # noqa: E402
 import tempfile  # noqa: E402
 import time  # noqa: E402
+from pathlib import Path  # noqa: E402
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
@@ -40,21 +42,28 @@ def one(n: int, model: str, work: str) -> dict:
         with Client(serve.address) as c:
             workers = c.status()["pools"]["gen"]["workers"]
     infos = [w["info"] for w in workers]
+    slowest = max(infos, key=lambda i: (i.get("boot_s") or 0) + (i.get("load_s") or 0))
     return {"n": n, "ready_wall_s": round(wall, 2),
-            "boot_s": [i.get("boot_s") for i in infos], "load_s": [i.get("load_s") for i in infos]}
+            "boot_s": [i.get("boot_s") for i in infos], "load_s": [i.get("load_s") for i in infos],
+            "slowest_phases": slowest.get("load_phases")}
 
 
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--gpus", default="1,4")
+    ap.add_argument("--out", help="JSON results")
     args = ap.parse_args()
+    results = []
     with tempfile.TemporaryDirectory() as work:
         model = os.path.join(work, "m")
         build_llama(model, ARCH, seed=0, dtype="bfloat16", device="cuda:0")
         for n in [int(x) for x in args.gpus.split(",")]:
             r = one(n, model, work)
-            print(f"N={r['n']}: ready {r['ready_wall_s']} s; boot_s {r['boot_s']}; load_s {r['load_s']}",
-                  flush=True)
+            results.append(r)
+            print(f"N={r['n']}: ready {r['ready_wall_s']} s; boot_s {r['boot_s']}; "
+                  f"load_s {r['load_s']}; slowest worker's load phases {r['slowest_phases']}", flush=True)
+    if args.out:
+        Path(args.out).write_text(json.dumps(results, indent=1))
     return 0
 
 

@@ -117,15 +117,16 @@ def test_throughput_and_spread_10000_jobs_from_4_threads(serve):
     srv = serve(["--devices", "cpu:4", "--handler", "echo"])
     client = srv.client()  # one client shared by four threads: it must be thread-safe
 
-    def work(t: int) -> int:
+    def work(t: int) -> tuple:
         inputs = [{"t": t, "i": i, "s": "x" * (i % 5)} for i in range(2500)]
         handles = [client.submit("echo", x) for x in inputs]  # pipelined: all submitted, then collected
         wrong = sum(h.result(timeout=WAIT) != x for h, x in zip(handles, inputs))
-        return wrong
+        return wrong, collections.Counter(h.meta["worker"] for h in handles)
 
     start = time.perf_counter()
     with ThreadPoolExecutor(4) as ex:
-        wrong = sum(ex.map(work, range(4)))
+        parts = list(ex.map(work, range(4)))
+    wrong, served = sum(p[0] for p in parts), sum((p[1] for p in parts), collections.Counter())
     elapsed = time.perf_counter() - start
     print(f"\n10,000 echo jobs from 4 threads, 4 workers: {elapsed:.2f} s ({10_000 / elapsed:.0f} jobs/s)")
     assert wrong == 0
@@ -135,6 +136,7 @@ def test_throughput_and_spread_10000_jobs_from_4_threads(serve):
     assert sorted(completed) == ["echo/0", "echo/1", "echo/2", "echo/3"]
     assert all(n > 0 for n in completed.values()), completed
     assert sum(completed.values()) == 10_000
+    assert served == completed  # each result names the worker that ran it
 
 
 # ----------------------------------------------------------------------------- placement
@@ -185,6 +187,18 @@ def test_placement_cpu_workers_see_no_gpu(serve):
     srv = serve(["--devices", "cpu:2", "--handler", "env"])
     seen = env_reports(srv.client(), "env", 2)
     assert all(out["CUDA_VISIBLE_DEVICES"] == "" and out["device"] == "cpu" for out in seen.values())
+
+
+def test_placement_cpu_affinity_off_leaves_threads_free(serve, tmp_path):
+    config = tmp_path / "free.toml"
+    config.write_text('[pools.env]\nhandler = "env"\ndevices = "cpu:2"\ncpu_affinity = false\n')
+    srv = serve(["--config", str(config)])
+    seen = env_reports(srv.client(), "env", 2)
+    everything = sorted(os.sched_getaffinity(0))
+    assert all(out["affinity"] == everything for out in seen.values()), seen
+    # Thread pools are still sized to the worker's share, so unpinned workers don't oversubscribe.
+    shares = [len(c) for c in split_cores(everything, 2)]
+    assert sorted(int(p.environ()["OMP_NUM_THREADS"]) for p in child_procs(srv)) == sorted(shares)
 
 
 def ready_or_fail(client, pool: str) -> bool:

@@ -141,13 +141,17 @@ PARITY_INPUTS = [
 def test_greedy_matches_generate_token_for_token(gen, reference):
     handler, collector = gen
     _, tok = reference
+    before = time.perf_counter()
     results = run_jobs(handler, collector, [new_job(inp) for inp in PARITY_INPUTS])  # all in flight at once
+    after = time.perf_counter()
     for inp, res in zip(PARITY_INPUTS, results):
         ids = prompt_ids(reference, inp)
         expected = greedy_reference(reference, ids, inp["max_new_tokens"])
         assert res["token_ids"] == expected, inp
         assert res["usage"] == {"prompt_tokens": len(ids), "completion_tokens": len(expected)}
         assert res["finish_reason"] == ("stop" if expected[-1] == EOS else "length")
+        t = res["timing"]  # one monotonic clock: received by the worker, first scheduled, finished
+        assert before <= t["received"] <= t["scheduled"] <= t["finished"] <= after, t
         # The text is what the output adds to the decoded prompt (a leading space included).
         prompt_text = tok.decode(ids, skip_special_tokens=True)
         assert res["text"] and res["text"] == tok.decode(ids + expected, skip_special_tokens=True)[len(prompt_text):]

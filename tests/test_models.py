@@ -75,6 +75,17 @@ def test_generation_parity_8_concurrent_jobs_on_2_workers(server, reference):
     assert len(workers) == 2
 
 
+def test_ready_info_breaks_the_cold_start_down(server):
+    """Each worker reports where its start went (boot, load, and the load's phases) and status shows it."""
+    for w in server.workers("gen"):
+        info = w["info"]
+        phases = info["load_phases"]
+        assert set(phases) == {"imports_s", "tokenizer_s", "weights_s", "cuda_context_s", "to_device_s",
+                               "engine_s"}, phases
+        assert all(v >= 0 for v in phases.values()), phases
+        assert info["boot_s"] > 0 and 0 < sum(phases.values()) <= info["load_s"] + 0.01, info
+
+
 @pytest.mark.slow
 def test_stream_chunks_concatenate_to_final_text(server):
     job = server.client().submit("gen", {"prompt": "Stream me", "max_new_tokens": 20}, stream=True)

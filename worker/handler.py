@@ -19,6 +19,7 @@ exception fails that job with `handler_error` and a short traceback. The worker 
 from __future__ import annotations
 
 import threading
+import time
 from dataclasses import dataclass
 from typing import Any, Callable
 
@@ -47,13 +48,16 @@ class WorkerContext:
 class Job:
     """One job as a handler sees it. `cancelled` turns true when the client cancels it."""
 
-    __slots__ = ("jid", "input", "stream", "_cancelled")
+    __slots__ = ("jid", "input", "stream", "_cancelled", "received")
 
     def __init__(self, jid: int, input: Any, stream: bool, cancelled: set):
         self.jid = jid
         self.input = input
         self.stream = stream
         self._cancelled = cancelled
+        # CLOCK_MONOTONIC (time.perf_counter on Linux): one clock for every process of the host, so a
+        # client can line up its own timestamps with a job's path through the worker.
+        self.received = time.perf_counter()
 
     @property
     def cancelled(self) -> bool:

@@ -107,7 +107,9 @@ class ComputeLoop:
         self.handler.ctx.progress = self.progress
         self.sock = self._connect()  # before load, so that a load failure can be reported on it
         self.progress.begin()  # loading counts as a step: a hung load is caught by the watchdog
-        boot_s = time.time() - psutil.Process().create_time()  # interpreter start and imports so far
+        # Interpreter start and imports so far, from the coordinator's spawn stamp (same host clock).
+        spawned = self.spec.get("spawned_at")
+        boot_s = time.monotonic() - spawned if spawned else time.time() - psutil.Process().create_time()
         t0 = time.perf_counter()
         if self.group is not None:
             self.group.start(self.send)  # rendezvous first: a TP model loads into its group

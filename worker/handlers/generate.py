@@ -10,7 +10,8 @@ Input: exactly one of "prompt" (str), "input_ids" (list[int]) or "messages" (cha
 tokenizer's chat template), plus optional "max_new_tokens", "temperature", "top_p", "top_k", "do_sample",
 "seed", "stop" (str or list[str]) and "eos_token_id" (int or list[int]; [] never stops on EOS).
 Output: {"text", "token_ids", "finish_reason": "stop"|"length", "usage": {"prompt_tokens",
-"completion_tokens"}}; stream chunks are {"text": delta, "token_ids": new ids} and add up to the output.
+"completion_tokens"}, "timing": {"received", "scheduled", "finished"}} (timing: CLOCK_MONOTONIC seconds);
+stream chunks are {"text": delta, "token_ids": new ids} and add up to the output.
 
 Two engines share the weights, because `do_sample` is a per-manager setting in CB: greedy requests go to a
 greedy manager (token for token equal to `model.generate(do_sample=False)`); sampled ones go to a second
@@ -28,6 +29,7 @@ from __future__ import annotations
 
 import math
 import threading
+import time
 from dataclasses import dataclass
 
 from protocol.errors import CANCELLED, HANDLER_ERROR, INVALID_INPUT, JobError
@@ -229,6 +231,8 @@ class _Gen:
         self.eos = eos
         self.token_ids: list = []
         self.ids_sent = 0
+        self.received = job.received
+        self.lifespan = (-1.0, -1.0)  # CB's (scheduled, finished) perf_counter stamps, from its last output
 
 
 # --------------------------------------------------------------------------------------------- engine
@@ -298,14 +302,28 @@ class GenerateHandler(EngineHandler):
         self._sampler: _Engine | None = None  # started on the first sampled request
         self._lock = threading.Lock()  # guards _jobs; held while reporting so each job ends exactly once
         self._jobs: dict[str, _Gen] = {}
+        self.load_phases: dict = {}
 
     # ------------------------------------------------------------------------------------ lifecycle
 
     def load(self) -> None:
+        # Where the load time goes, reported in READY info (status shows it): the cold start of N workers
+        # against one is judged on these phases (docs/benchmarks.md, GPU scaling).
+        t = time.perf_counter()
+        phases = self.load_phases = {}
+
+        def lap(name: str) -> None:
+            nonlocal t
+            now = time.perf_counter()
+            phases[name] = round(now - t, 3)
+            t = now
+
         from transformers import AutoTokenizer
 
+        lap("imports_s")
         self.tokenizer = AutoTokenizer.from_pretrained(self.config["model"])
-        self.model = self._load_model()
+        lap("tokenizer_s")
+        self.model = self._load_model(lap)
         if self.ctx.world_size > 1:
             from worker.guard import install_guard
 
@@ -314,8 +332,9 @@ class GenerateHandler(EngineHandler):
         self.limits = self._limits()
         self._eos = self._model_eos()
         self._greedy = self._start_engine("greedy", sample=False)
+        lap("engine_s")
 
-    def _load_model(self):
+    def _load_model(self, lap):
         from transformers import AutoModelForCausalLM
 
         kwargs = {"dtype": self._dtype(), "attn_implementation": self.config.get("attn_implementation", "sdpa")}
@@ -326,8 +345,15 @@ class GenerateHandler(EngineHandler):
             # Each rank then drives cuda:<rank> (LOCAL_RANK) or the CPU; transformers needs `accelerate` here.
             kwargs.update(tp_plan="auto", tp_size=self.ctx.world_size)
         model = AutoModelForCausalLM.from_pretrained(self.config["model"], **kwargs)
+        lap("weights_s")
         if "device_map" not in kwargs and self.ctx.world_size == 1:
+            if str(self.ctx.device).startswith("cuda"):
+                import torch
+
+                torch.empty(1, device=self.ctx.device)  # the process's first CUDA call: context creation
+            lap("cuda_context_s")
             model = model.to(self.ctx.device)
+            lap("to_device_s")
         return model.eval()
 
     def _dtype(self):
@@ -386,7 +412,7 @@ class GenerateHandler(EngineHandler):
 
         return {"model": self.config["model"], "dtype": str(self.model.dtype).removeprefix("torch."),
                 "device": str(self.model.device), "context": self.limits.context,
-                "transformers": transformers.__version__}
+                "transformers": transformers.__version__, "load_phases": self.load_phases}
 
     def close(self) -> None:
         with self._lock:
@@ -470,6 +496,7 @@ class GenerateHandler(EngineHandler):
             return
         new = list(out.generated_tokens[len(gen.token_ids):])
         gen.token_ids.extend(new)
+        gen.lifespan = getattr(out, "lifespan", gen.lifespan)
         gen.text.add(new, final=out.is_finished())
         if gen.text.stopped:
             if not out.is_finished():
@@ -499,6 +526,7 @@ class GenerateHandler(EngineHandler):
                 "token_ids": gen.token_ids,
                 "finish_reason": finish_reason,
                 "usage": {"prompt_tokens": len(gen.req.input_ids), "completion_tokens": len(gen.token_ids)},
+                "timing": _timing(gen),
             })
 
     def _fail(self, gen: _Gen, message: str) -> None:
@@ -516,6 +544,16 @@ class GenerateHandler(EngineHandler):
             lost = [g for g in self._jobs.values() if g.engine is engine]
         for gen in lost:
             self._fail(gen, f"the {engine.name} generation engine stopped unexpectedly")
+
+
+def _timing(gen: _Gen) -> dict:
+    """When the worker received the job, when the engine first scheduled it, and when it finished: seconds
+    on CLOCK_MONOTONIC (time.perf_counter on Linux), one clock for every process of the host. They show
+    where a job's time went (queued in the worker, waiting for a batch slot, generating); a field the
+    engine did not stamp (a stop string ended the job first) is null."""
+    scheduled, finished = gen.lifespan
+    return {"received": gen.received, "scheduled": scheduled if scheduled > 0 else None,
+            "finished": finished if finished > 0 else None}
 
 
 def _accepts(cls, name: str) -> bool:
