@@ -56,6 +56,14 @@ def write_json(data: dict, path: str | None, default_name: str) -> list[str]:
     return written
 
 
+def finish(data: dict, errors: dict, path: str | None, default_name: str) -> None:
+    """The end of a script's run: print each step's error, then write the results (see write_json)."""
+    for name, err in errors.items():
+        print(f"ERROR in {name}: {err[-600:]}")
+    for target in write_json(data, path, default_name):
+        print(f"wrote {target}")
+
+
 def require_gpus(n: int, what: str) -> int:
     """Number of visible GPUs (counted without torch or a CUDA context, so that this process holds no
     GPU memory); exits (status 1) with a clear message when fewer than `n`."""

@@ -47,7 +47,7 @@ from pathlib import Path  # noqa: E402
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _bench_common import (  # noqa: E402
-    Serve, Steps, fmt_table, make_prompts, orch_waves, require_gpus, run_role, split_waves,
+    Serve, Steps, finish, fmt_table, make_prompts, orch_waves, require_gpus, run_role, split_waves,
     write_json, write_pools_toml,
 )
 
@@ -197,16 +197,6 @@ def paired_ratio(a_runs: list, b_runs: list, scale: int = 1) -> tuple[float | No
     return (statistics.median(vals) if vals else None), vals
 
 
-def paired_efficiency(orch: dict, n: int) -> tuple[float | None, list]:
-    """Median over repeats of N workers / (N x the 1-worker run of the same repeat), and the per-repeat
-    values. Pairing by repeat keeps runs taken minutes apart from being compared."""
-    import statistics
-
-    ones, ns = orch.get("1", {}).get("runs", []), orch.get(str(n), {}).get("runs", [])
-    effs = [b["tok_s"] / (n * a["tok_s"]) for a, b in zip(ones, ns)]
-    return (statistics.median(effs) if effs else None), effs
-
-
 def summarize(res: dict, gpus: list) -> tuple[str, dict]:
     orch, thr, inp = res["orchestrator"], res["threads"], res.get("inproc")
     one = orch.get("1")
@@ -219,7 +209,8 @@ def summarize(res: dict, gpus: list) -> tuple[str, dict]:
     for n in gpus:
         o = orch.get(str(n))
         if o:
-            eff, per_repeat = paired_efficiency(orch, n) if one else (None, [])
+            # Each repeat's N workers against that repeat's 1 worker: runs minutes apart are never compared.
+            eff, per_repeat = paired_ratio(one["runs"], o["runs"], n) if one else (None, [])
             vs_in = o["tok_s"] / (n * inp["tok_s"]) if inp else None
             if n == 1 and inp and inp.get("runs") and o.get("runs"):
                 # 1 worker vs in-process, paired by repeat: both are one engine thread on one CPU core
@@ -332,10 +323,7 @@ def main(argv=None) -> int:
           f"model {m.get('params', 0) / 1e9:.2f}B {m.get('dtype', '')}  concurrency {args.concurrency}/GPU  "
           f"{args.new_tokens} new tokens  prompt {args.prompt_len}  {args.waves} waves")
     print(table)
-    for name, err in steps.errors.items():
-        print(f"ERROR in {name}: {err[-600:]}")
-    for path in write_json(res, args.out, "bench_gpu_scaling.json"):
-        print(f"wrote {path}")
+    finish(res, steps.errors, args.out, "bench_gpu_scaling.json")
     return 0 if not steps.errors else 1
 
 

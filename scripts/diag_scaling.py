@@ -35,7 +35,7 @@ import time  # noqa: E402
 from pathlib import Path  # noqa: E402
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _bench_common import Serve, Steps, fmt_table, require_gpus, write_json, write_pools_toml  # noqa: E402
+from _bench_common import Serve, Steps, finish, fmt_table, require_gpus, write_pools_toml  # noqa: E402
 from bench_gpu_scaling import Bench  # noqa: E402
 
 COHORT_GAP_S = 0.002  # scheduled stamps further apart than this belong to separate engine admissions
@@ -480,10 +480,7 @@ def main(argv=None) -> int:
     print(f"diag_scaling  {res['date']}  {'SMOKE (CPU)' if args.smoke else 'GPU'}  concurrency {args.concurrency}/GPU"
           f"  {args.new_tokens} new tokens  prompt {args.prompt_len}  {args.waves} waves per measurement")
     print(report(res, args.gpus))
-    for name, err in steps.errors.items():
-        print(f"ERROR in {name}: {err[-600:]}")
-    for path in write_json(res, args.out, "diag_scaling.json"):
-        print(f"wrote {path}")
+    finish(res, steps.errors, args.out, "diag_scaling.json")
     return 0 if not steps.errors else 1
 
 

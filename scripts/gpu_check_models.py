@@ -36,7 +36,7 @@ from pathlib import Path  # noqa: E402
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _bench_common import (  # noqa: E402
-    Serve, Steps, fmt_table, make_prompts, orch_waves, require_gpus, run_role, split_waves,
+    Serve, Steps, finish, fmt_table, make_prompts, orch_waves, require_gpus, run_role, split_waves,
     write_json, write_pools_toml,
 )
 
@@ -261,10 +261,7 @@ def main(argv=None) -> int:
     print()
     print(f"gpu_check_models  {res['date']}  {'SMOKE (CPU)' if args.smoke else 'GPU'}  {res['seconds']:.0f} s")
     print(report(res))
-    for name, err in errors.items():
-        print(f"ERROR in {name}: {err[-600:]}")
-    for path in write_json(_strip_outputs(res), args.out, "gpu_check_models.json"):
-        print(f"wrote {path}")
+    finish(_strip_outputs(res), errors, args.out, "gpu_check_models.json")
     ok = not errors and (res.get("parity") or {}).get("passed") and (res.get("throughput") or {}).get("passed")
     return 0 if ok else 1
 
