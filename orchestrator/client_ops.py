@@ -10,7 +10,7 @@ import time
 import zmq
 
 from protocol import ProtocolError, errors as E
-from protocol.messages import Cancel, Error, Health, Ok, Ping, Scale, Status, Stop, Submit
+from protocol.messages import Cancel, Error, Health, Ok, Ping, Reload, Scale, Status, Stop, Submit
 from . import views
 from .jobs import Job
 from .states import CoordinatorState as CS, JobState as JS
@@ -73,12 +73,12 @@ class ClientOps:
             return
         op(self, route, msg)
 
-    def _reject(self, route: tuple, rid, code: str, message: str) -> None:
+    def _reject(self, route: tuple, rid, code: str, message: str, details=None) -> None:
         self.rejected[code] += 1
         if len(message) > 500:  # it may quote client input (an op, a pool name) of up to max_str_len
             message = message[:500] + f"... ({len(message)} chars)"
         self.bad_log.warning("rejected request from client %s: %s: %s", route[0].hex()[:8], code, message)
-        self._reply(route, Error(rid, code, message))
+        self._reply(route, Error(rid, code, message, details))
 
     def _reply(self, route: tuple, msg) -> None:
         self._out.append((self.csock, route, self.codec.encode(msg)))  # sent at the end of the turn
@@ -105,14 +105,19 @@ class ClientOps:
         self._dispatch(pool)
 
     def _admit(self, route: tuple, msg: Submit) -> tuple | None:
-        """Why a submit cannot be accepted, as (code, message), or None."""
+        """Why a submit cannot be accepted, as (code, message[, details]), or None."""
         pool = self.pools.get(msg.pool)
         if pool is None:
             return E.UNKNOWN_POOL, f"no pool named {msg.pool!r}; pools: {sorted(self.pools)}"
         if self.state != CS.RUNNING:
             return E.SHUTTING_DOWN, "the coordinator is shutting down and accepts no new jobs"
-        if (route, msg.id) in self.jobs:
-            return E.BAD_REQUEST, f"job id {msg.id!r} is already in flight for this client"
+        original = self.jobs.get((route, msg.id))
+        if original is not None:
+            # Its own code, so that a client matching replies by id never reads this as the end of
+            # the original job, which goes on and ends with its own result or error.
+            return E.DUPLICATE_ID, f"job id {msg.id!r} is already in flight for this client; this " \
+                                   f"submit was refused and the original job goes on", \
+                {"job": msg.id, "state": original.state.value, "pool": original.pool}
         # `not > 0` also rejects NaN, which would sit at the top of the deadline heap forever.
         if msg.timeout is not None and not msg.timeout > 0 or msg.retries is not None and msg.retries < 0:
             return E.BAD_REQUEST, "timeout must be > 0 and retries >= 0"
@@ -158,9 +163,17 @@ class ClientOps:
             return
         self._reply(route, Ok(msg.id, {"pool": pool.name, "replicas": pool.desired}))
 
+    def _op_reload(self, route: tuple, msg: Reload) -> None:
+        pool = self.pools.get(msg.pool)
+        if pool is None:
+            self._reject(route, msg.id, E.UNKNOWN_POOL, f"no pool named {msg.pool!r}")
+            return
+        self.reload(pool)
+        self._reply(route, Ok(msg.id, {"pool": pool.name, "replicas": pool.desired}))
+
     def _op_stop(self, route: tuple, msg: Stop) -> None:
         self._reply(route, Ok(msg.id, {"state": "stopping", "drain": msg.drain}))
         self.request_stop(msg.reason, drain=msg.drain)
 
     _ops = {Submit: _op_submit, Cancel: _op_cancel, Status: _op_status, Health: _op_health,
-            Ping: _op_ping, Scale: _op_scale, Stop: _op_stop}
+            Ping: _op_ping, Scale: _op_scale, Reload: _op_reload, Stop: _op_stop}

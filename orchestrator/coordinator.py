@@ -17,11 +17,11 @@ from collections import defaultdict
 
 import zmq
 
-from protocol import Codec, errors as E
+from protocol import Codec, ProtocolError, errors as E
 from protocol.codec import INTERNAL_LIMITS
 from protocol.messages import (
-    Chunk, Error, Result, WCancel, WChunk, WError, WFatal, WGroupReport, WHeartbeat, WHello, WReady,
-    WResult, WRun,
+    CLIENT_REQUEST_OPS, Chunk, Error, Result, WCancel, WChunk, WError, WFatal, WGroupReport, WHeartbeat,
+    WHello, WReady, WResult, WRun,
 )
 from . import security
 from .client_ops import RECV_BATCH, ClientOps, RateLimitedLog
@@ -40,6 +40,8 @@ from .supervisor import Supervisor
 log = logging.getLogger("orchestrator.coordinator")
 
 TICK = 0.05  # timer resolution (heartbeats, watchdogs, timeouts) in seconds
+RECONCILE_S = 1.0  # how often each pool is moved toward its desired replica count
+EXIT_STARTUP_FAILED = 2  # a pool failed while loading at startup (and keep_going is off)
 
 
 def _send_frames(sock: zmq.Socket, route: tuple, body: bytes) -> None:
@@ -56,12 +58,13 @@ _SNDMORE = zmq.SNDMORE
 class Coordinator(ClientOps):
     """Construct cheaply; `start()` binds and spawns; `run()` serves until stopped."""
 
-    def __init__(self, cfg: ServerConfig):
+    def __init__(self, cfg: ServerConfig, on_startup=None):
         validate(cfg)
         self.cfg = cfg
         self.name = "coordinator"
         self.state = CS.RUNNING
-        self.codec = Codec(cfg.limits)
+        # Client socket: only client requests decode (a reply or `w_*` op from a client is `unknown_op`).
+        self.codec = Codec(cfg.limits, accept=CLIENT_REQUEST_OPS)
         # Worker traffic is private and already passed the client limits on its way in; a result
         # may be larger than the request (and must never crash the loop by being so).
         self.wcodec = Codec(INTERNAL_LIMITS)
@@ -87,6 +90,13 @@ class Coordinator(ClientOps):
         self.zctx = self.auth = self.csock = self.wsock = self.loop = self.sup = None
         self.monitor: security.HandshakeMonitor | None = None
         self.worker_endpoint: str | None = None
+        # Startup: every pool's first load settles (served or failed), then on_startup({pool: reason})
+        # is called once; a failure without keep_going stops everything and run() returns 2.
+        self.on_startup = on_startup
+        self.starting = True
+        self.startup_failures: dict[str, str] = {}
+        self.exit_code = 0
+        self._next_reconcile = 0.0
 
     # ------------------------------------------------------------------ start
 
@@ -179,11 +189,17 @@ class Coordinator(ClientOps):
                     self._send_out()
         finally:
             self.shutdown()
-        return 0
+        return self.exit_code
 
     def _tick(self, now: float) -> None:
         slots = [s for p in self.pools.values() for s in p.slots.values()]
         self.sup.tick(slots, now)
+        if self.starting:
+            self._check_startup()
+        if now >= self._next_reconcile and self.state == CS.RUNNING:
+            self._next_reconcile = now + RECONCILE_S
+            for pool in self.pools.values():
+                self._reconcile(pool, now)
         self._expire_jobs(now)
         self.monitor.flush()  # suppressed-refusal counts reach the log without waiting for a next one
         if self.state == CS.DRAINING:
@@ -297,10 +313,24 @@ class Coordinator(ClientOps):
                 continue  # a process already declared dead: its late messages are dropped
             slot, proc = entry
             proc.last_seen = now
-            msg = self.wcodec.decode(frames[-1])
+            try:
+                msg = self.wcodec.decode(frames[-1]) if len(frames) == 2 else None
+            except ProtocolError as e:
+                msg, why = None, e.message
+            else:
+                why = f"{len(frames) - 1} frames" if msg is None else f"unexpected op {msg.OP!r}"
             handler = self._worker_ops.get(type(msg))
-            if handler is not None:
-                handler(self, slot, proc, msg)
+            if handler is None:
+                self._malformed_from_worker(slot, proc, why)
+                continue
+            handler(self, slot, proc, msg)
+
+    def _malformed_from_worker(self, slot, proc, why: str) -> None:
+        """A worker that breaks the protocol cannot be trusted with its jobs: end its incarnation (its
+        jobs are requeued, as after a crash) and go on serving everyone else."""
+        log.error("%s: malformed message from worker: %s", proc.wid, why,
+                  extra={"wid": slot.name, "pool": slot.spec.pool})
+        self.sup.fail(slot, f"malformed message from worker: {why}")
 
     def _w_result(self, slot, proc, msg: WResult) -> None:
         job = self._settle_job(slot, msg.jid)
@@ -397,17 +427,72 @@ class Coordinator(ClientOps):
 
     def scale(self, pool: Pool, replicas: int) -> None:
         """Set the desired replica count and reconcile at once. Raises ValueError, changing nothing,
-        when the pool's free devices cannot hold it."""
+        when the pool's free devices cannot hold it. A failed slot that stays is retried with a fresh
+        failure budget: scaling is one of the operator's ways to retry a permanent failure."""
         start, drain = pool.plan_scale(replicas)
         pool.desired = replicas
+        reason = f"scale {pool.name} to {replicas}"
+        self._apply_plan(pool, start, drain, reason)
+        for slot in list(pool.slots.values()):
+            if slot not in drain:
+                self.sup.retry(slot, reason, fresh_budget=True)
+        log.info("pool %s: scale to %d (start %s, drain %s)", pool.name, replicas, start,
+                 [s.name for s in drain], extra={"pool": pool.name})
+
+    def _apply_plan(self, pool: Pool, start: list, drain: list, reason: str) -> None:
         cores = split_cores(available_cores(), max(len(pool.groups) * pool.cfg.tp, 1))
         for index in start:
             ranks = [cores[(index * pool.cfg.tp + r) % len(cores)] for r in range(pool.cfg.tp)]
             self._start_new_slot(pool, index, ranks)
         for slot in drain:
-            self.sup.drain_slot(slot, f"scale {pool.name} to {replicas}")
-        log.info("pool %s: scale to %d (start %s, drain %s)", pool.name, replicas, start,
-                 [s.name for s in drain], extra={"pool": pool.name})
+            self.sup.drain_slot(slot, reason)
+
+    def reload(self, pool: Pool) -> None:
+        """Restart every slot of the pool with a fresh failure budget: failed ones at once, serving ones
+        after a drain (their jobs finish first). Retries a permanent failure once its cause is fixed."""
+        for slot in list(pool.slots.values()):
+            if slot.state == WS.FAILED:
+                self.sup.retry(slot, f"reload {pool.name}", fresh_budget=True)
+            elif slot.state != WS.STOPPED and not slot.stop_reason:
+                slot.budget.reset()
+                slot.consecutive_failures = 0
+                if slot.state in (WS.READY, WS.BUSY, WS.STARTING, WS.LOADING):
+                    slot.restart_on_stop = True
+                    self.sup.drain_slot(slot, f"reload {pool.name}")
+        log.info("pool %s: reload", pool.name, extra={"pool": pool.name})
+
+    def _reconcile(self, pool: Pool, now: float) -> None:
+        """Move the pool toward its desired replica count: retry slots whose failure budget refilled,
+        start missing slots, drain extra ones. A permanent failure waits for the operator."""
+        for slot in list(pool.slots.values()):
+            if slot.state == WS.FAILED and not slot.permanent and slot.retry_at is not None \
+                    and now >= slot.retry_at:
+                self.sup.retry(slot, "failure budget refilled", fresh_budget=False)
+        active = [s for s in pool.live_slots() if s.state != WS.DRAINING or s.restart_on_stop]
+        if len(active) == pool.desired:
+            return
+        try:
+            start, drain = pool.plan_scale(pool.desired)
+        except ValueError:
+            return  # devices still held by draining slots: try again next round
+        self._apply_plan(pool, start, drain, f"reconcile {pool.name} to {pool.desired}")
+
+    # ------------------------------------------------------------------ startup
+
+    def _check_startup(self) -> None:
+        """Once every pool's first load settled: report, and without keep_going stop on a failure."""
+        outcomes = {name: pool.startup_outcome() for name, pool in self.pools.items()}
+        if not all(settled for settled, _ in outcomes.values()) and self.state == CS.RUNNING:
+            return
+        self.starting = False
+        self.startup_failures = {name: why for name, (_, why) in outcomes.items() if why}
+        for name, why in self.startup_failures.items():
+            log.error("pool %s failed to start: %s", name, why, extra={"pool": name})
+        if self.on_startup is not None:
+            self.on_startup(self.startup_failures)
+        if self.startup_failures and not self.cfg.keep_going and self.state == CS.RUNNING:
+            self.exit_code = EXIT_STARTUP_FAILED
+            self.request_stop(f"pool(s) {sorted(self.startup_failures)} failed to start", drain=False)
 
     # ------------------------------------------------------------------ stop
 

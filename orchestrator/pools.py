@@ -37,8 +37,19 @@ class Pool:
         return SlotSpec(pool=self.name, index=index, devices=self.groups[index], handler=cfg.handler,
                         config=cfg.config, tp=cfg.tp, cores=tuple(tuple(c) for c in cores),
                         capacity=cfg.capacity, cpu_threads=cfg.cpu_threads, cpu_affinity=cfg.cpu_affinity,
-                        env=cfg.env,
-                        guard_timeout=cfg.guard_timeout)
+                        env=cfg.env, guard_timeout=cfg.guard_timeout,
+                        max_restarts=cfg.max_restarts, restart_window=cfg.restart_window)
+
+    def startup_outcome(self) -> tuple[bool, str | None]:
+        """(settled, failure): settled once every slot served or failed; failure is the first failed
+        slot's reason (a permanent failure, or a failure budget spent while loading)."""
+        slots = self.live_slots()
+        if any(s.state not in SERVING and s.state not in (WorkerState.FAILED, WorkerState.DRAINING)
+               for s in slots):
+            return False, None
+        failed = [s for s in slots if s.state == WorkerState.FAILED]
+        failed.sort(key=lambda s: (not s.permanent, s.spec.index))
+        return True, (f"{failed[0].name}: {failed[0].last_exit_reason}" if failed else None)
 
     def live_slots(self) -> list[Slot]:
         return [s for s in self.slots.values() if s.state != WorkerState.STOPPED]

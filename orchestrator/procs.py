@@ -15,6 +15,7 @@ import time
 from dataclasses import dataclass, field
 
 from .placement import cuda_visible
+from .restarts import FailureBudget
 from .states import WORKER_TRANSITIONS, WorkerState, move
 
 log = logging.getLogger("orchestrator.procs")
@@ -41,6 +42,8 @@ class SlotSpec:
     cpu_affinity: bool = True  # pin each rank to its cores; else they only size its thread pools
     env: dict = field(default_factory=dict)
     guard_timeout: float = 5.0  # tp > 1 only
+    max_restarts: int = 10  # failure budget: transient failures allowed per restart_window seconds
+    restart_window: float = 600.0
 
     @property
     def wid(self) -> str:
@@ -115,7 +118,12 @@ class Slot:
         self.inflight: dict = {}  # jid -> Job, including jobs already finalised (awaiting the worker)
         self.restarts = 0
         self.consecutive_failures = 0
+        self.budget = FailureBudget(spec.max_restarts, spec.restart_window)
         self.last_exit_reason: str | None = None
+        self.last_exit_code: str | None = None  # the w_fatal code of the last failure, if it sent one
+        self.permanent = False  # FAILED for a reason that would recur: only the operator retries it
+        self.retry_at: float | None = None  # FAILED within budget limits: when reconcile retries it
+        self.restart_on_stop = False  # `reload`: start again as soon as the staged stop completes
         self.restart_at = 0.0
         self.ready_at: float | None = None
         self.state_since = time.monotonic()

@@ -19,11 +19,11 @@ from typing import Callable
 from protocol.messages import WGroupInfo, WPing, WStop
 from .logs import ids
 from .procs import Proc, Slot, exit_words, spawn
+from .restarts import decide
 from .states import LIVE, SERVING, WorkerState as S
 
 log = logging.getLogger("orchestrator.supervisor")
 
-HEALTHY_RESET = 30.0  # a slot ready this long has its consecutive-failure count (and backoff) reset
 # Silence before a process's first message is start-up (interpreter, imports), which takes seconds on a
 # loaded machine; heartbeat loss counts only after its hello, and a start that never says hello gets this.
 START_TIMEOUT = 60.0
@@ -55,6 +55,7 @@ class Supervisor:
         slot.group_info = None  # each incarnation rendezvouses anew
         slot.stop_reason = None
         slot.stop_deadline = None
+        slot.permanent, slot.retry_at, slot.last_exit_code = False, None, None
         slot.set_state(S.STARTING)
         for rank in range(slot.spec.tp):
             proc = spawn(slot.spec, rank, slot.incarnation, self.endpoint, self.cfg)
@@ -109,9 +110,10 @@ class Supervisor:
             proc.stats = msg.stats
 
     def on_fatal(self, slot: Slot, proc: Proc, msg) -> None:
-        log.error("%s: fatal %s: %s", proc.wid, msg.code, msg.message, extra=ids(slot))
-        self.fail(slot, f"{msg.code}: {msg.message.strip().splitlines()[-1] if msg.message else ''}",
-                  code=msg.code)
+        # One line: the worker already logged its traceback (captured into this log under its id).
+        last = msg.message.strip().splitlines()[-1] if msg.message.strip() else ""
+        log.error("%s: fatal %s: %s", proc.wid, msg.code, last, extra=ids(slot))
+        self.fail(slot, f"{msg.code}: {last}", code=msg.code)
 
     def on_group_report(self, slot: Slot, msg) -> None:
         """Relay rank 0's rendezvous info to the other ranks (no free-port race: rank 0 bound port 0)."""
@@ -141,7 +143,7 @@ class Supervisor:
             slot.set_state(S.STUCK)
             log.warning("%s: stuck: %s", slot.name, reason, extra=ids(slot))
         slot.set_state(S.DEAD)
-        slot.last_exit_reason = reason
+        slot.last_exit_reason, slot.last_exit_code = reason, code
         log.warning("%s: down: %s", slot.name, reason, extra=ids(slot))
         self._kill_all(slot, reason)
         self.on_down(slot, reason, code)
@@ -180,6 +182,9 @@ class Supervisor:
                 slot.set_state(S.STOPPED)
                 log.info("%s: stopped: %s", slot.name, slot.stop_reason or "coordinator stopping",
                          extra=ids(slot))
+            if slot.restart_on_stop and not self.stopping:  # `reload`: the same slot comes back at once
+                slot.restart_on_stop = False
+                self.start_slot(slot, self.pool_cfgs[slot.spec.pool])
             self.on_change(slot)
             return
         if slot.state == S.DEAD:
@@ -188,20 +193,31 @@ class Supervisor:
     def _schedule_restart(self, slot: Slot) -> None:
         now = time.monotonic()
         cfg = self.pool_cfgs[slot.spec.pool]
-        if slot.ready_at is not None and now - slot.ready_at > HEALTHY_RESET:
-            slot.consecutive_failures = 0
-        slot.consecutive_failures += 1
-        if slot.consecutive_failures > cfg.max_restarts:
+        d = decide(slot, cfg, slot.last_exit_code, now)
+        if d.restart_in is None:
+            slot.permanent, slot.retry_at = d.permanent, d.retry_at
             slot.set_state(S.FAILED)
-            log.error("%s: failed: restart budget (%d) spent; last exit: %s", slot.name,
-                      cfg.max_restarts, slot.last_exit_reason, extra=ids(slot))
+            retry = "only the operator retries it (scale, reload)" if d.permanent else \
+                f"retried in {d.retry_at - now:.0f} s"
+            log.error("%s: failed (%s; %s): %s", slot.name, d.why, retry, slot.last_exit_reason,
+                      extra=ids(slot))
             self.on_change(slot)
             return
-        delay = min(cfg.restart_backoff * 2 ** (slot.consecutive_failures - 1), cfg.restart_backoff_max)
-        slot.restart_at = now + delay
+        slot.restart_at = now + d.restart_in
         slot.set_state(S.RESTARTING)
-        log.info("%s: restarting in %.2f s (attempt %d)", slot.name, delay, slot.consecutive_failures,
+        log.info("%s: restarting in %.2f s (attempt %d)", slot.name, d.restart_in, slot.consecutive_failures,
                  extra=ids(slot))
+
+    def retry(self, slot: Slot, reason: str, fresh_budget: bool) -> None:
+        """Start a FAILED slot again: the reconcile step once its budget refilled, or the operator (scale,
+        reload) with a fresh budget, which is the only way a permanent failure is retried."""
+        if slot.state != S.FAILED or self.stopping:
+            return
+        if fresh_budget:
+            slot.budget.reset()
+            slot.consecutive_failures = 0
+        log.info("%s: retrying after failure (%s)", slot.name, reason, extra=ids(slot))
+        self.start_slot(slot, self.pool_cfgs[slot.spec.pool])
 
     # ------------------------------------------------------------------ output capture
 

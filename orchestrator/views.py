@@ -5,6 +5,7 @@ locks, no waiting on a worker. That is why they answer while every worker is bus
 """
 from __future__ import annotations
 
+import dataclasses
 import os
 import time
 
@@ -54,7 +55,16 @@ def slot_view(slot, now: float) -> dict:
         "gpu_memory": [g for p in live for g in p["gpu_memory"]],
         "ranks": procs,
         "info": slot.info,
+        "failure": _failure(slot, now),
     }
+
+
+def _failure(slot, now: float) -> dict | None:
+    """Why a `failed` slot serves nothing, and whether anything but the operator will retry it."""
+    if slot.state != WS.FAILED:
+        return None
+    return {"reason": slot.last_exit_reason, "code": slot.last_exit_code, "permanent": slot.permanent,
+            "retry_in": None if slot.retry_at is None else round(max(slot.retry_at - now, 0.0), 3)}
 
 
 def _slots(pool) -> list:
@@ -74,17 +84,31 @@ def pool_view(pool, now: float) -> dict:
         "completed": pool.completed,
         "failed": pool.failed,
         "throughput_1m": round(pool.throughput(), 3),
+        "queue_size": pool.cfg.queue_size,
+        "reason": pool_reason(pool),
         "workers": [slot_view(s, now) for s in slots],
     }
 
 
+def pool_reason(pool) -> str | None:
+    """Why the pool is not ready, in words: the first failed (else dead) slot's last exit reason."""
+    for states in ((WS.FAILED,), (WS.DEAD, WS.RESTARTING, WS.STUCK)):
+        for s in _slots(pool):
+            if s.state in states and s.last_exit_reason:
+                return f"{s.name}: {s.last_exit_reason}"
+    return None
+
+
 def pool_health(pool) -> str:
     """`ready`: every slot it runs serves; `degraded`: at least one serves, but some are dead, stuck,
-    restarting, failed or still starting; `unavailable`: none can take jobs.
+    restarting, failed or still starting; `failed`: none serves and every slot is failed (its reason says
+    why); `unavailable`: none can take jobs now.
 
     Draining slots (scale-down) are neither: they are on their way out by choice.
     """
     slots = _slots(pool)
+    if slots and all(s.state == WS.FAILED for s in slots):
+        return "failed"
     if not any(s.state in SERVING for s in slots):
         return "unavailable"
     if any(s.state in UNHEALTHY for s in slots):
@@ -101,8 +125,16 @@ def status(coord) -> dict:
         "uptime": round(now - coord.started_at, 3),
         "jobs_unfinished": len(coord.jobs),
         "rejected": dict(coord.rejected),
+        "limits": limits(coord.cfg),
         "pools": {name: pool_view(p, now) for name, p in coord.pools.items()},
     }
+
+
+def limits(cfg) -> dict:
+    """Every client-facing cap, by its config key (protocol/README.md, "Limits"); per-pool queue sizes
+    are in each pool's `queue_size`."""
+    return {**dataclasses.asdict(cfg.limits), "max_pending_per_client": cfg.max_pending_per_client,
+            "max_queued_total": cfg.max_queued_total}
 
 
 HEALTH_KEYS = ("state", "state_age", "heartbeat_age", "step_age", "inflight", "restarts",
@@ -123,11 +155,12 @@ def health(coord) -> dict:
         for s in _slots(pool):
             v = slot_view(s, now)
             workers[s.name] = {k: v[k] for k in HEALTH_KEYS}
-        pools[name] = {"status": pool_health(pool), "workers": workers}
+        pools[name] = {"status": pool_health(pool), "reason": pool_reason(pool), "workers": workers}
     states = {p["status"] for p in pools.values()}
-    overall = "ready" if states == {"ready"} else "unavailable" if states == {"unavailable"} else "degraded"
+    overall = "ready" if states == {"ready"} else \
+        "unavailable" if states <= {"unavailable", "failed"} else "degraded"
     return {"alive": True, "state": coord.state.value, "status": overall,
-            "heartbeat_timeout": coord.cfg.hb_timeout, "pools": pools}
+            "heartbeat_timeout": coord.cfg.hb_timeout, "limits": limits(coord.cfg), "pools": pools}
 
 
 __all__ = ["status", "health", "slot_view", "pool_health", "LIVE"]

@@ -17,7 +17,7 @@ import json
 import os
 
 from protocol.codec import NDArray
-from protocol.errors import CANCELLED, JobError
+from protocol.errors import CANCELLED, ConfigError, JobError
 from worker.handler import Handler, Job, check
 
 CONFIG_KEYS = frozenset({"model", "dtype", "max_batch_tokens", "max_texts", "normalize", "max_length",
@@ -95,7 +95,7 @@ class EmbedHandler(Handler):
         super().__init__(ctx)
         unknown = sorted(set(self.config) - CONFIG_KEYS)
         if unknown:
-            raise ValueError(f"embed handler: unknown config keys {unknown}; allowed: {sorted(CONFIG_KEYS)}")
+            raise ConfigError(f"embed handler: unknown config keys {unknown}; allowed: {sorted(CONFIG_KEYS)}")
         self.capacity = int(self.config.get("capacity", 16))
         self.max_batch = int(self.config.get("max_batch", 16))
         self.max_batch_tokens = int(self.config.get("max_batch_tokens", 8192))
@@ -109,6 +109,10 @@ class EmbedHandler(Handler):
         self.dim = 0
 
     def load(self) -> None:
+        if self.config.get("model"):
+            from worker.models import check_model_location
+
+            check_model_location(self.config["model"])  # before transformers: a bad path fails at once
         from transformers import AutoModel, AutoTokenizer
 
         path = self.config.get("model") or _default_model_path()

@@ -32,7 +32,7 @@ import threading
 import time
 from dataclasses import dataclass
 
-from protocol.errors import CANCELLED, HANDLER_ERROR, INVALID_INPUT, JobError
+from protocol.errors import CANCELLED, HANDLER_ERROR, INVALID_INPUT, ConfigError, JobError
 from worker.guard import GroupError
 from worker.handler import EngineHandler, Job, check
 
@@ -287,9 +287,9 @@ class GenerateHandler(EngineHandler):
         super().__init__(ctx)
         unknown = sorted(set(self.config) - CONFIG_KEYS)
         if unknown:
-            raise ValueError(f"generate handler: unknown config keys {unknown}; allowed: {sorted(CONFIG_KEYS)}")
+            raise ConfigError(f"generate handler: unknown config keys {unknown}; allowed: {sorted(CONFIG_KEYS)}")
         if "model" not in self.config:
-            raise ValueError("generate handler: config needs 'model' (a local path or a hub id)")
+            raise ConfigError("generate handler: config needs 'model' (a local path or a hub id)")
         self.capacity = int(self.config.get("capacity", 32))
         # Jobs arriving within 2 ms of each other join the engine as one burst: CB ran half as fast when a
         # wave's requests trickled in 0.2 ms apart (scripts/diag_cb_arrival.py).
@@ -318,6 +318,9 @@ class GenerateHandler(EngineHandler):
             phases[name] = round(now - t, 3)
             t = now
 
+        from worker.models import check_model_location
+
+        check_model_location(self.config["model"])  # before transformers: a bad path fails in milliseconds
         from transformers import AutoTokenizer
 
         lap("imports_s")
