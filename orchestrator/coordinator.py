@@ -417,6 +417,8 @@ class Coordinator(ClientOps):
         pool = self.pools[slot.spec.pool]
         self._dispatch(pool)
         self._fail_if_unservable(pool)
+        if self.starting:  # now, not at the next tick: no client may see a pool ready before the outcome
+            self._check_startup()
 
     def _fail_if_unservable(self, pool: Pool) -> None:
         if pool.queue and not pool.can_ever_serve():

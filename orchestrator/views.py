@@ -138,7 +138,7 @@ def limits(cfg) -> dict:
 
 
 HEALTH_KEYS = ("state", "state_age", "heartbeat_age", "step_age", "inflight", "restarts",
-               "last_exit_reason")
+               "last_exit_reason", "failure")
 
 
 def health(coord) -> dict:
