@@ -10,7 +10,9 @@ from typing import Any
 
 import msgpack
 
-from .errors import BadField, MalformedMessage, MessageTooLarge, UnknownOp, UnsupportedVersion
+from .errors import (
+    BadField, MalformedMessage, MessageTooLarge, ProtocolError, UnknownOp, UnsupportedVersion,
+)
 from .messages import MESSAGES, PROTOCOL_VERSION, Message
 
 NDARRAY_KEY = "__ndarray__"
@@ -133,24 +135,28 @@ class Codec:
         return msgpack.packb(msg.to_wire(), use_bin_type=True, default=_default)
 
     def decode(self, raw: bytes) -> Message:
-        return self.from_dict(self.unpack(raw), self.accept)
+        try:
+            return self.from_dict(self.unpack(raw), self.accept)
+        except ProtocolError as e:
+            if e.request_id is None:  # keep the id whenever it can be read (an ext type elsewhere...)
+                e.request_id = peek_id(raw, self.limits)
+            raise
 
     def unpack(self, raw: bytes) -> dict:
         """Bytes -> the raw map, enforcing limits; raises MalformedMessage or MessageTooLarge."""
         if len(raw) > self.limits.max_message_bytes:
             raise MessageTooLarge(
                 f"message of {len(raw)} bytes exceeds max_message_bytes={self.limits.max_message_bytes}",
-                peek_id(raw, self.limits),
+                peek_id(raw),
             )
         try:
             d = msgpack.unpackb(raw, **self._unpack_kw)
         except ValueError as e:
             if "exceeds max_" in str(e) and "max_ext_len" not in str(e):  # ext types are refused
-                raise MessageTooLarge(f"message field too large: {e}", peek_id(raw, self.limits)) from None
-            raise MalformedMessage(_malformed_reason(e), peek_id(raw, self.limits)) from None
+                raise MessageTooLarge(f"message field too large: {e}") from None
+            raise MalformedMessage(_malformed_reason(e)) from None
         except Exception as e:  # msgpack raises several types for garbage (ExtraData, FormatError...)
-            raise MalformedMessage(f"undecodable message: {type(e).__name__}: {e}",
-                                   peek_id(raw, self.limits)) from None
+            raise MalformedMessage(f"undecodable message: {type(e).__name__}: {e}") from None
         if not isinstance(d, dict):
             raise MalformedMessage(f"message must be a map, got {type(d).__name__}")
         return d
