@@ -121,6 +121,7 @@ class Slot:
         self.budget = FailureBudget(spec.max_restarts, spec.restart_window)
         self.last_exit_reason: str | None = None
         self.last_exit_code: str | None = None  # the w_fatal code of the last failure, if it sent one
+        self.last_traceback: str | None = None  # of the last w_fatal, so a repeat is not logged again
         self.permanent = False  # FAILED for a reason that would recur: only the operator retries it
         self.retry_at: float | None = None  # FAILED within budget limits: when reconcile retries it
         self.restart_on_stop = False  # `reload`: start again as soon as the staged stop completes

@@ -110,9 +110,14 @@ class Supervisor:
             proc.stats = msg.stats
 
     def on_fatal(self, slot: Slot, proc: Proc, msg) -> None:
-        # One line: the worker already logged its traceback (captured into this log under its id).
         last = msg.message.strip().splitlines()[-1] if msg.message.strip() else ""
-        log.error("%s: fatal %s: %s", proc.wid, msg.code, last, extra=ids(slot))
+        tb = msg.details.get("traceback") if isinstance(msg.details, dict) else None
+        if tb and tb != slot.last_traceback:  # once in the log, not once per attempt that fails alike
+            slot.last_traceback = tb
+            log.error("%s: fatal %s: %s\n%s", proc.wid, msg.code, last, tb.rstrip(), extra=ids(slot))
+        else:
+            again = " (the same traceback as the attempt before)" if tb else ""
+            log.error("%s: fatal %s: %s%s", proc.wid, msg.code, last, again, extra=ids(slot))
         self.fail(slot, f"{msg.code}: {last}", code=msg.code)
 
     def on_group_report(self, slot: Slot, msg) -> None:

@@ -222,6 +222,21 @@ config = {{ marker = {json.dumps(str(marker))} }}
     assert err.count("started incarnation") == 2, err
 
 
+def test_a_load_that_raises_is_transient_and_its_traceback_is_logged_once(tmp_path):
+    config = write_config(tmp_path, f"""
+[pools.doomed]
+handler = "{TH}:FailLoad"
+devices = "cpu:1"
+max_restarts = 2
+restart_backoff_max = 0.2
+""")
+    code, _, err, _ = serve_until_exit(["--config", config])
+    first = err.splitlines()[0]
+    assert code == 2 and "'doomed'" in first and "load_failed: RuntimeError: weights file" in first, err
+    assert err.count("started incarnation") == 3, err  # transient: restarted within its budget
+    assert err.count("Traceback") == 1 and err.count("the same traceback as the attempt before") == 2, err
+
+
 # ---------------------------------------------------------------------------- malformed worker frames
 
 

@@ -13,7 +13,7 @@ from protocol.messages import WFatal
 from worker.control import ControlThread, Progress
 from worker.guard import GroupError
 from worker.handlers import resolve
-from worker.runtime import ComputeLoop, outcome_error
+from worker.runtime import ComputeLoop, outcome_error, short_traceback
 from worker.stats import device_stats
 
 log = logging.getLogger("worker")
@@ -65,7 +65,6 @@ def _build(zctx, spec: dict, ctx, control: ControlThread, progress: Progress) ->
     except WorkerFailure:
         raise
     except Exception as e:  # a bug or a bad value in the handler's __init__: the same on every attempt
-        log.error("handler %s: constructor raised", spec["handler"], exc_info=e)
         raise WorkerFailure(HANDLER_INIT_FAILED, f"{spec['handler']}: {type(e).__name__}: {e}") from e
     if ctx.world_size > 1:
         from worker.tp import GroupRuntime
@@ -107,16 +106,18 @@ def fatal_report(exc: BaseException, loading: bool = False) -> tuple[str, str]:
 def _fatal(zctx, sock, spec: dict, control: ControlThread, exc: Exception, loading: bool = False) -> int:
     """Report a worker-level failure (load error, collective mismatch) and wait to be killed.
 
-    The traceback goes to the log once, here (a WorkerFailure's message says it all, so it has none);
-    the report carries the one-line reason the coordinator shows in status and health."""
+    The report carries the one-line reason the coordinator shows in status and health, and the traceback
+    (none for a WorkerFailure raised on purpose: its message says it all). The coordinator logs a
+    traceback once, not again when the next attempt fails the same way; so this log line has none."""
     code, message = fatal_report(exc, loading)
-    # A WorkerFailure's traceback, where it has one worth reading, was logged where it was raised.
-    log.error("fatal: %s: %s", code, message, exc_info=None if isinstance(exc, WorkerFailure) else exc)
+    cause = exc.__cause__ if isinstance(exc, WorkerFailure) else exc
+    details = {"traceback": short_traceback(cause, limit=12)} if cause is not None else None
+    log.error("fatal: %s: %s", code, message)
     if sock is None:  # failed before the data socket existed: one with the data socket's routing id
         sock = zctx.socket(zmq.DEALER)
         sock.setsockopt(zmq.ROUTING_ID, f"d:{spec['wid']}:{spec['incarnation']}".encode())
         sock.connect(spec["endpoint"])
-    sock.send(Codec().encode(WFatal(spec["wid"], spec["incarnation"], code, message[-4000:])))
+    sock.send(Codec().encode(WFatal(spec["wid"], spec["incarnation"], code, message[-4000:], details)))
     sock.close(linger=1000)  # the context's term() waits up to 1 s for the reason to be delivered
     sys.stderr.flush()
     control.stop_event.wait(FATAL_WAIT_S)  # normally the coordinator's kill ends us here
