@@ -260,3 +260,32 @@ def test_garbage_from_a_worker_ends_its_incarnation_and_its_jobs_are_retried(ser
     assert w["restarts"] == 1 and "malformed message from worker" in w["last_exit_reason"]
     assert c.run("g", {"n": 3}, timeout=30)["echo"] == {"n": 3}
     assert c.status()["state"] == "running"
+
+
+# ---------------------------------------------------------------------------- the policy alone
+
+
+def test_restart_policy_and_model_check_doctests():
+    import doctest
+
+    import orchestrator.restarts
+    import worker.models
+
+    assert doctest.testmod(orchestrator.restarts).failed == 0
+    assert doctest.testmod(worker.models).failed == 0
+
+
+def test_decide_permanent_at_once_transient_with_backoff_then_failed_until_refill():
+    from types import SimpleNamespace
+
+    from orchestrator.config import PoolConfig
+    from orchestrator.restarts import FailureBudget, decide
+
+    cfg = PoolConfig(name="p", max_restarts=2, restart_window=100.0, restart_backoff=1.0, restart_backoff_max=3.0)
+    slot = SimpleNamespace(ready_at=None, consecutive_failures=0, budget=FailureBudget(2, 100.0))
+    assert decide(slot, cfg, "model_not_found", 0.0).permanent is True
+    assert slot.consecutive_failures == 0  # a permanent failure spends no budget
+    delays = [decide(slot, cfg, code, t).restart_in for code, t in (("load_failed", 0.0), (None, 1.0))]
+    assert delays == [1.0, 2.0]
+    spent = decide(slot, cfg, None, 2.0)
+    assert spent.restart_in is None and not spent.permanent and spent.retry_at == 101.0
