@@ -25,8 +25,8 @@ REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 DOC = os.path.join(REPO, "protocol", "README.md")
 WAIT = 120.0  # seconds for any one expected reply or state (a shared 2-core machine)
 
-TYPES = {"int": lambda v: isinstance(v, int) and not isinstance(v, bool), "float": lambda v: isinstance(v, float),
-         "str": lambda v: isinstance(v, str), "bool": lambda v: isinstance(v, bool),
+TYPES = {"int": lambda v: isinstance(v, int) and not isinstance(v, bool),
+         "float": lambda v: isinstance(v, float), "str": lambda v: isinstance(v, str), "bool": lambda v: isinstance(v, bool),
          "map": lambda v: isinstance(v, dict), "list": lambda v: isinstance(v, list)}
 
 
@@ -246,7 +246,8 @@ def wait_settled(raw: Raw, tables: dict, rid: int = -1) -> dict:
     while True:
         h = raw.request({"v": 1, "op": "health", "id": rid})["data"]
         status = {name: p["status"] for name, p in h["pools"].items()}
-        if status == {"echo": "ready", "sleep": "ready", "fail": "ready", "crash": "ready", "broken": "failed"}:
+        if status == {"echo": "ready", "sleep": "ready", "fail": "ready", "crash": "ready",
+                      "broken": "failed"}:
             return h
         assert time.monotonic() < deadline, f"pools did not settle: {status}"
         time.sleep(0.1)
@@ -257,7 +258,8 @@ def test_doc_sessions_error_table_and_fields_hold_against_the_server(server):
     tables = field_tables(text)
     plays = sessions(section(text, "## Examples"))
     table_codes = {first_code(row[0]): row[1] for row in table_rows(section(text, "## Error codes"))}
-    request_ops = {first_code(row[0]) for row in table_rows(section(text, "## Requests (client → coordinator)"))}
+    requests = section(text, "## Requests (client → coordinator)")
+    request_ops = {first_code(row[0]) for row in table_rows(requests)}
     assert plays and tables and table_codes and request_ops, "the doc lost its examples or tables"
 
     # What the examples must cover: every request op, and every error code a client can cause.
@@ -265,7 +267,8 @@ def test_doc_sessions_error_table_and_fields_hold_against_the_server(server):
     shown_codes = {m["code"] for play in plays for kind, m in play if kind == "recv" and m["op"] == "error"}
     assert request_ops <= sent_ops, f"requests without an example: {request_ops - sent_ops}"
     not_by_client = {c for c, meaning in table_codes.items() if "not caused by a client" in meaning}
-    assert shown_codes <= set(table_codes), f"codes in examples but not in the table: {shown_codes - set(table_codes)}"
+    assert shown_codes <= set(table_codes), \
+        f"codes in examples but not in the table: {shown_codes - set(table_codes)}"
     assert set(table_codes) - not_by_client == shown_codes, \
         f"codes in the table without an example: {set(table_codes) - not_by_client - shown_codes}"
 

@@ -50,12 +50,13 @@ def slot(client, pool: str, index: int = 0) -> dict:
 def test_missing_model_path_exits_2_naming_pool_and_path(tmp_path):
     code, out, err, took = serve_until_exit(["--handler", "generate", "--model", "/nonexistent/model",
                                              "--devices", "cpu:1", "--pool", "gen"])
-    print(f"serve with a missing model exited {code} after {took:.1f} s; {len((out + err).splitlines())} lines")
+    lines = len((out + err).splitlines())
+    print(f"serve with a missing model exited {code} after {took:.1f} s, printing {lines} lines")
     assert code == 2, err
     first = err.splitlines()[0]
     assert "'gen'" in first and "'/nonexistent/model'" in first, first
     assert "model '/nonexistent/model' not found: not a local directory, and not a hub id" in first
-    assert len((out + err).splitlines()) < 30, out + err
+    assert lines < 30, out + err
     assert err.count("started incarnation") == 1, err  # a permanent failure is never restarted
     assert "Repo id must be" not in err and "Traceback" not in err
 
@@ -78,7 +79,8 @@ def test_unknown_handler_and_constructor_error_are_permanent(tmp_path):
     code, _, err, _ = serve_until_exit(["--handler", "no_such_handler", "--devices", "cpu:1"])
     assert code == 2 and "unknown_handler" in err.splitlines()[0] and "no_such_handler" in err.splitlines()[0]
 
-    code, _, err, _ = serve_until_exit(["--handler", f"{TH}:InitFails", "--devices", "cpu:1", "--pool", "init"])
+    code, _, err, _ = serve_until_exit(["--handler", f"{TH}:InitFails", "--devices", "cpu:1",
+                                        "--pool", "init"])
     first = err.splitlines()[0]
     assert code == 2 and "'init'" in first and "handler_init_failed" in first and "'shards'" in first, err
     assert err.count("started incarnation") == 1
@@ -116,7 +118,8 @@ config = {{ max_text = 4 }}
     assert "model '/nonexistent/model' not found" in h["nomodel"]["reason"]
     assert "unknown config keys ['max_text']" in h["typo"]["reason"]
     failure = h["nomodel"]["workers"]["nomodel/0"]["failure"]
-    assert failure["permanent"] is True and failure["code"] == "model_not_found" and failure["retry_in"] is None
+    assert failure == {"reason": failure["reason"], "code": "model_not_found", "permanent": True,
+                       "retry_in": None}
     assert c.health()["status"] == "degraded"
     assert c.run("good", {"x": 1}, timeout=30) == {"x": 1}
     with pytest.raises(RequestError) as e:
@@ -150,8 +153,8 @@ config = {{ model = {json.dumps(str(model_dir))} }}
                "the retry by scale failed again")
 
     model_dir.mkdir()  # the cause is gone; nothing retries until the operator says so
-    reload = subprocess.run([sys.executable, "-m", "orchestrator", "reload", "m", "--address", server.address],
-                            capture_output=True, text=True, timeout=60, cwd=REPO)
+    reload = subprocess.run([sys.executable, "-m", "orchestrator", "reload", "m",
+                             "--address", server.address], capture_output=True, text=True, timeout=60, cwd=REPO)
     assert reload.returncode == 0 and json.loads(reload.stdout) == {"pool": "m", "replicas": 1}, reload.stderr
     poll_until(lambda: slot(c, "m")["state"] == "ready", WAIT, 0.1, "m/0 ready after reload")
     assert c.run("m", {"n": 1}, timeout=30)["echo"] == {"n": 1}
@@ -281,7 +284,8 @@ def test_decide_permanent_at_once_transient_with_backoff_then_failed_until_refil
     from orchestrator.config import PoolConfig
     from orchestrator.restarts import FailureBudget, decide
 
-    cfg = PoolConfig(name="p", max_restarts=2, restart_window=100.0, restart_backoff=1.0, restart_backoff_max=3.0)
+    cfg = PoolConfig(name="p", max_restarts=2, restart_window=100.0, restart_backoff=1.0,
+                     restart_backoff_max=3.0)
     slot = SimpleNamespace(ready_at=None, consecutive_failures=0, budget=FailureBudget(2, 100.0))
     assert decide(slot, cfg, "model_not_found", 0.0).permanent is True
     assert slot.consecutive_failures == 0  # a permanent failure spends no budget

@@ -378,7 +378,8 @@ def test_nil_optional_fields_mean_their_default_and_replies_always_carry_their_f
         codec.decode(msgpack.packb({"v": 1, "op": "submit", "id": 3, "pool": None}))
     assert msgpack.unpackb(codec.encode(Result(1, None, None))) == \
         {"v": 1, "op": "result", "id": 1, "output": None, "meta": None}
-    assert msgpack.unpackb(codec.encode(Chunk(1, 0))) == {"v": 1, "op": "chunk", "id": 1, "seq": 0, "data": None}
+    assert msgpack.unpackb(codec.encode(Chunk(1, 0))) == \
+        {"v": 1, "op": "chunk", "id": 1, "seq": 0, "data": None}
     assert msgpack.unpackb(codec.encode(Ok(1))) == {"v": 1, "op": "ok", "id": 1, "data": None}
 
 
