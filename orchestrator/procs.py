@@ -42,8 +42,6 @@ class SlotSpec:
     cpu_affinity: bool = True  # pin each rank to its cores; else they only size its thread pools
     env: dict = field(default_factory=dict)
     guard_timeout: float = 5.0  # tp > 1 only
-    max_restarts: int = 10  # failure budget: transient failures allowed per restart_window seconds
-    restart_window: float = 600.0
 
     @property
     def wid(self) -> str:
@@ -118,7 +116,7 @@ class Slot:
         self.inflight: dict = {}  # jid -> Job, including jobs already finalised (awaiting the worker)
         self.restarts = 0
         self.consecutive_failures = 0
-        self.budget = FailureBudget(spec.max_restarts, spec.restart_window)
+        self.budget = FailureBudget()  # transient failures; limits from the pool config (restarts.py)
         self.last_exit_reason: str | None = None
         self.last_exit_code: str | None = None  # the w_fatal code of the last failure, if it sent one
         self.last_traceback: str | None = None  # of the last w_fatal, so a repeat is not logged again

@@ -21,39 +21,36 @@ HEALTHY_RESET = 30.0
 
 
 class FailureBudget:
-    """Transient failures of one slot within a sliding window.
+    """Transient failures of one slot within a sliding window. The slot owns the record; the limit and
+    the window are the pool's config (`max_restarts`, `restart_window`), passed in.
 
-    >>> b = FailureBudget(limit=2, window=10.0)
-    >>> [b.spend(t) for t in (0.0, 1.0, 2.0)]  # the third failure is over the budget
+    >>> b = FailureBudget()
+    >>> [b.spend(t, limit=2, window=10.0) for t in (0.0, 1.0, 2.0)]  # the third is over the budget
     [True, True, False]
-    >>> b.refill_at()  # the failures at t=0 and t=1 have left the window at t=11
+    >>> b.refill_at(limit=2, window=10.0)  # the failures at t=0 and t=1 have left the window at t=11
     11.0
-    >>> b.spend(11.5)  # then one more attempt is allowed
+    >>> b.spend(11.5, limit=2, window=10.0)  # then one more attempt is allowed
     True
     """
 
-    def __init__(self, limit: int, window: float):
-        self.limit, self.window = limit, window
+    def __init__(self):
         self.times: deque = deque()
 
-    def spend(self, now: float) -> bool:
+    def spend(self, now: float, limit: int, window: float) -> bool:
         """Record a failure at `now`; True while the failures in the window are within the limit."""
-        self._expire(now)
+        while self.times and self.times[0] <= now - window:
+            self.times.popleft()
         self.times.append(now)
-        return len(self.times) <= self.limit
+        return len(self.times) <= limit
 
-    def refill_at(self) -> float:
+    def refill_at(self, limit: int, window: float) -> float:
         """When enough failures will have left the window for one more attempt."""
         # The window must drop to limit - 1 failures, so that the next one is within the limit.
         n = len(self.times)
-        return self.times[min(max(n - self.limit, 0), n - 1)] + self.window
+        return self.times[min(max(n - limit, 0), n - 1)] + window
 
     def reset(self) -> None:
         self.times.clear()
-
-    def _expire(self, now: float) -> None:
-        while self.times and self.times[0] <= now - self.window:
-            self.times.popleft()
 
 
 @dataclass(frozen=True)
@@ -73,8 +70,9 @@ def decide(slot, cfg, code: str | None, now: float) -> Decision:
     if slot.ready_at is not None and now - slot.ready_at > HEALTHY_RESET:
         slot.consecutive_failures = 0
     slot.consecutive_failures += 1
-    if not slot.budget.spend(now):
-        retry_at = max(slot.budget.refill_at(), now + cfg.restart_backoff_max)
+    if not slot.budget.spend(now, cfg.max_restarts, cfg.restart_window):
+        retry_at = max(slot.budget.refill_at(cfg.max_restarts, cfg.restart_window),
+                       now + cfg.restart_backoff_max)
         return Decision(None, retry_at=retry_at, why=f"failure budget spent ({cfg.max_restarts + 1} failures "
                                                      f"within {cfg.restart_window:g} s)")
     delay = min(cfg.restart_backoff * 2 ** (slot.consecutive_failures - 1), cfg.restart_backoff_max)

@@ -286,7 +286,7 @@ def test_decide_permanent_at_once_transient_with_backoff_then_failed_until_refil
 
     cfg = PoolConfig(name="p", max_restarts=2, restart_window=100.0, restart_backoff=1.0,
                      restart_backoff_max=3.0)
-    slot = SimpleNamespace(ready_at=None, consecutive_failures=0, budget=FailureBudget(2, 100.0))
+    slot = SimpleNamespace(ready_at=None, consecutive_failures=0, budget=FailureBudget())
     assert decide(slot, cfg, "model_not_found", 0.0).permanent is True
     assert slot.consecutive_failures == 0  # a permanent failure spends no budget
     delays = [decide(slot, cfg, code, t).restart_in for code, t in (("load_failed", 0.0), (None, 1.0))]
