@@ -30,7 +30,7 @@ from .eventloop import EventLoop
 from .jobs import Job
 from .launcher import LocalLauncher
 from .metrics import make_metrics
-from .placement import available_cores, split_cores
+from .placement import available_cores, pool_cores
 from .pools import Pool
 from .procs import Slot
 from .states import (
@@ -136,19 +136,17 @@ class Coordinator(ClientOps):
         return sock
 
     def _start_slots(self) -> None:
-        plan = [(pool, i) for pool in self.pools.values() for i in range(pool.desired)]
-        total_procs = sum(pool.cfg.tp for pool, _ in plan)
-        cores = split_cores(available_cores(), max(total_procs, 1))
-        k = 0
-        for pool, index in plan:
-            ranks = [cores[(k + r) % len(cores)] for r in range(pool.cfg.tp)]
-            k += pool.cfg.tp
-            self._start_new_slot(pool, index, ranks)
+        shares = pool_cores(available_cores(), {p.name: p.rank_capacity for p in self.pools.values()})
+        for pool in self.pools.values():
+            pool.cores = shares[pool.name]
+        for pool in self.pools.values():
+            for index in range(pool.desired):
+                self._start_new_slot(pool, index)
 
-    def _start_new_slot(self, pool: Pool, index: int, cores: list) -> None:
+    def _start_new_slot(self, pool: Pool, index: int) -> None:
         slot = pool.slots.get(index)
         if slot is None or slot.state == WS.STOPPED:
-            slot = Slot(pool.slot_spec(index, cores))
+            slot = Slot(pool.slot_spec(index, pool.slot_cores(index)))
             pool.slots[index] = slot
         self.sup.start_slot(slot, pool.cfg)
 
@@ -397,10 +395,8 @@ class Coordinator(ClientOps):
         when the pool's free devices cannot hold it."""
         start, drain = pool.plan_scale(replicas)
         pool.desired = replicas
-        cores = split_cores(available_cores(), max(len(pool.groups) * pool.cfg.tp, 1))
         for index in start:
-            ranks = [cores[(index * pool.cfg.tp + r) % len(cores)] for r in range(pool.cfg.tp)]
-            self._start_new_slot(pool, index, ranks)
+            self._start_new_slot(pool, index)
         for slot in drain:
             self.sup.drain_slot(slot, f"scale {pool.name} to {replicas}")
         log.info("pool %s: scale to %d (start %s, drain %s)", pool.name, replicas, start,

@@ -8,7 +8,7 @@ import time
 from collections import deque
 
 from .config import PoolConfig
-from .placement import assign, available_cores, check_replicas, parse_devices, split_cores
+from .placement import assign, check_replicas, parse_devices
 from .procs import Slot, SlotSpec
 from .states import LIVE, SERVING, WorkerState
 
@@ -24,6 +24,7 @@ class Pool:
         self.desired = len(self.groups) if cfg.replicas is None else cfg.replicas
         check_replicas(len(self.groups), self.desired, cfg.tp, self.device_set)
         self.slots: dict[int, Slot] = {}
+        self.cores: list[list[int]] = []  # one share per rank it can run (placement.pool_cores)
         self.queue: deque = deque()
         self.completed = 0
         self.failed = 0
@@ -31,6 +32,16 @@ class Pool:
         self._rr = 0
 
     # ------------------------------------------------------------------ specs
+
+    @property
+    def rank_capacity(self) -> int:
+        """Ranks the pool can ever run: one slot per device group, `tp` ranks each."""
+        return len(self.groups) * self.cfg.tp
+
+    def slot_cores(self, index: int) -> list:
+        """Slot `index`'s shares of the pool's cores, one per rank (empty before cores are given)."""
+        tp = self.cfg.tp
+        return self.cores[index * tp:(index + 1) * tp]
 
     def slot_spec(self, index: int, cores: list) -> SlotSpec:
         cfg = self.cfg
@@ -81,12 +92,6 @@ class Pool:
         # Drain the least useful first: failed/restarting, then the least loaded, newest first.
         order = sorted(live, key=lambda s: (s.state in SERVING, len(s.inflight), -s.spec.index))
         return [], order[:len(live) - replicas]
-
-    def cores_for(self, n_ranks: int, total_slots: int, index: int) -> list:
-        """This slot's share of the CPU cores, one list per rank."""
-        per_rank = split_cores(available_cores(), max(total_slots * n_ranks, 1))
-        start = index * n_ranks
-        return [per_rank[(start + r) % len(per_rank)] for r in range(n_ranks)]
 
     # ------------------------------------------------------------------ accounting
 
