@@ -25,3 +25,33 @@ class EventLoop:
             callback = self.handlers.get(target)
             if callback is not None:
                 callback()
+
+
+class Outbox:
+    """Messages of one loop turn, sent together at its end, so that a worker or a client wakes once for
+    the lot rather than once per message (scripts/bench_dispatch.py, 4 echo workers on 2 cores: 9k ->
+    13k jobs/s). `put((socket, route frames, body))` queues one; `flush()` sends all, in order."""
+
+    def __init__(self):
+        self._items: list = []
+        self.put = self._items.append  # bound once: it is on the job path
+
+    def __bool__(self) -> bool:
+        return bool(self._items)
+
+    def flush(self) -> None:
+        items = self._items[:]
+        self._items.clear()
+        for sock, route, body in items:
+            send_frames(sock, route, body)
+
+
+def send_frames(sock: zmq.Socket, route: tuple, body: bytes) -> None:
+    """send_multipart(route + [body]) without its per-call type checks and flag-enum arithmetic, which
+    cost about 2 us a message on the job path (scripts/bench_dispatch.py)."""
+    for frame in route:
+        sock.send(frame, _SNDMORE)
+    sock.send(body)
+
+
+_SNDMORE = zmq.SNDMORE

@@ -120,10 +120,16 @@ class Supervisor:
 
     def on_job_settled(self, slot: Slot) -> None:
         """A job left the slot: update BUSY/READY and finish a drain."""
-        if slot.state == S.BUSY and not slot.inflight:
+        if slot.state == S.BUSY and not slot.load.held:
             slot.set_state(S.READY)
-        elif slot.state == S.DRAINING and not slot.inflight and not slot.stopping:
+        elif slot.state == S.DRAINING and not slot.load.held and not slot.stopping:
             self._send_stop(slot, slot.stop_reason or "drained")
+
+    def send_leader(self, slot: Slot, msg) -> None:
+        """Send rank 0 of the slot a control message, if that process is still ours."""
+        leader = slot.leader
+        if leader is not None and leader.ctl_id in self.by_id:
+            self.send(leader.ctl_id, msg)
 
     # ------------------------------------------------------------------ failure
 
