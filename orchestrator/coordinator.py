@@ -12,7 +12,6 @@ import logging
 import os
 import shutil
 import signal
-import socket
 import tempfile
 import time
 
@@ -24,7 +23,7 @@ from . import security, snapshot
 from .client_ops import ClientOps, replier
 from .config import ServerConfig, validate
 from .dispatch import Dispatcher
-from .eventloop import EventLoop, Outbox, send_frames
+from .eventloop import EventLoop, Outbox, Signals, send_frames
 from .fleet import Fleet
 from .launcher import LocalLauncher
 from .metrics import make_metrics
@@ -59,7 +58,7 @@ class Coordinator:
         # Created by start(); None until then so shutdown() is safe after a failed start.
         self.zctx = self.auth = self.csock = self.wsock = self.loop = self.monitor = None
         self.endpoint = self.worker_endpoint = self.run_dir = None
-        self.sup = self.dispatcher = self.fleet = self.client = None
+        self.sup = self.dispatcher = self.fleet = self.client = self.signals = None
 
     # ------------------------------------------------------------------ start
 
@@ -76,7 +75,7 @@ class Coordinator:
         self.monitor = security.HandshakeMonitor(self.csock, self.csock.getsockopt(zmq.MAXMSGSIZE))
         self.loop.add(self.monitor.sock, self.monitor.on_readable)
         self._wire()
-        self._install_signals()
+        self.signals = Signals(self.loop, self._on_signal)
         self.fleet.start()
         self.metrics.start(self.snapshot)
         return self.endpoint
@@ -121,17 +120,6 @@ class Coordinator:
     def _send_worker(self, identity: bytes, msg) -> None:
         """Control messages (ping, stop, cancel, group info) go at once, not with the turn's batch."""
         send_frames(self.wsock, (identity,), self.codec.encode(msg))
-
-    def _install_signals(self) -> None:
-        """Signals only set flags; a socketpair wakes the poll so the loop acts on them at once."""
-        self._sig_r, self._sig_w = socket.socketpair()
-        for s in (self._sig_r, self._sig_w):
-            s.setblocking(False)
-        signal.set_wakeup_fd(self._sig_w.fileno(), warn_on_full_buffer=False)
-        self._signals: list[int] = []
-        for sig in (signal.SIGTERM, signal.SIGINT):
-            signal.signal(sig, lambda signum, _frame: self._signals.append(signum))
-        self.loop.add(self._sig_r.fileno(), self._on_signal_fd)
 
     def snapshot(self) -> snapshot.Snapshot:
         """The state `status`, `health` and the metrics read (built on the loop thread)."""
@@ -192,18 +180,12 @@ class Coordinator:
 
     # ------------------------------------------------------------------ stop
 
-    def _on_signal_fd(self) -> None:
-        try:
-            self._sig_r.recv(512)
-        except BlockingIOError:
-            pass
-        while self._signals:
-            signum = self._signals.pop(0)
-            name = signal.Signals(signum).name
-            if self.state == CS.RUNNING:
-                self.request_stop(f"received {name}", drain=True)
-            elif self.state == CS.DRAINING and signum == signal.SIGINT:
-                self.request_stop(f"received {name} again", drain=False)
+    def _on_signal(self, signum: int) -> None:
+        name = signal.Signals(signum).name
+        if self.state == CS.RUNNING:
+            self.request_stop(f"received {name}", drain=True)
+        elif self.state == CS.DRAINING and signum == signal.SIGINT:
+            self.request_stop(f"received {name} again", drain=False)
 
     def request_stop(self, reason: str, drain: bool = True) -> None:
         """Stop accepting jobs; with drain, let accepted ones finish (up to drain_timeout) first."""

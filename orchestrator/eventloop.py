@@ -1,6 +1,8 @@
 """A minimal poll loop over ZMQ sockets and raw fds (pidfds, pipes, the signal socketpair)."""
 from __future__ import annotations
 
+import signal
+import socket
 from typing import Callable
 
 import zmq
@@ -55,3 +57,28 @@ def send_frames(sock: zmq.Socket, route: tuple, body: bytes) -> None:
 
 
 _SNDMORE = zmq.SNDMORE
+
+
+class Signals:
+    """SIGTERM and SIGINT only set a flag; a socketpair registered in the loop wakes the poll, so
+    `on_signal(signum)` runs on the loop thread at once."""
+
+    def __init__(self, loop: EventLoop, on_signal: Callable[[int], None],
+                 signums: tuple = (signal.SIGTERM, signal.SIGINT)):
+        self.on_signal = on_signal
+        self._r, self._w = socket.socketpair()
+        for s in (self._r, self._w):
+            s.setblocking(False)
+        signal.set_wakeup_fd(self._w.fileno(), warn_on_full_buffer=False)
+        self._pending: list[int] = []
+        for sig in signums:
+            signal.signal(sig, lambda signum, _frame: self._pending.append(signum))
+        loop.add(self._r.fileno(), self._drain)
+
+    def _drain(self) -> None:
+        try:
+            self._r.recv(512)
+        except BlockingIOError:
+            pass
+        while self._pending:
+            self.on_signal(self._pending.pop(0))
