@@ -17,7 +17,7 @@ import time
 from typing import Callable
 
 from protocol.messages import WGroupInfo, WPing, WStop
-from .launcher import ExitEvent, Launcher, SlotHandle
+from .launcher import ExitEvent, LaunchError, Launcher, SlotHandle
 from .logs import ids
 from .procs import Proc, Slot, slot_launch
 from .states import LIVE, SERVING, WorkerState as S
@@ -57,9 +57,15 @@ class Supervisor:
         slot.capacity = 0
         slot.group_info = None  # each incarnation rendezvouses anew
         slot.stop_reason = None
+        slot.handle = None
         slot.set_state(S.STARTING)
         launch = slot_launch(slot.spec, slot.incarnation, self.endpoint, self.cfg)
-        slot.handle = self.launcher.start(launch)
+        try:
+            slot.handle = self.launcher.start(launch)
+        except LaunchError as e:
+            self.fail(slot, f"launch failed: {e}")
+            self._settle(slot)  # nothing runs: restart (after backoff) or fail for good at once
+            return
         self.by_handle[slot.handle] = slot
         for r in launch.ranks:
             proc = Proc(r.rank, r.wid, slot.incarnation, slot.handle.ranks[r.rank])
