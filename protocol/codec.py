@@ -63,7 +63,7 @@ class NDArray:
         return {NDARRAY_KEY: True, "dtype": self.dtype, "shape": list(self.shape), "data": self.data}
 
 
-def _default(obj: Any) -> Any:
+def wire_default(obj: Any) -> Any:
     """msgpack hook for types it does not know: arrays become NDArray maps, tuples lists."""
     if isinstance(obj, NDArray):
         return obj.to_wire()
@@ -74,7 +74,7 @@ def _default(obj: Any) -> Any:
     raise TypeError(f"cannot encode {type(obj).__name__} on the wire")
 
 
-def _array_hook(d: dict) -> Any:
+def array_hook(d: dict) -> Any:
     if d.get(NDARRAY_KEY) is True and len(d) == 4:
         dtype, shape, data = d.get("dtype"), d.get("shape"), d.get("data")
         if isinstance(dtype, str) and isinstance(shape, list) and isinstance(data, bytes):
@@ -116,10 +116,10 @@ class Codec:
             max_ext_len=0,
         )
         if arrays:
-            self._unpack_kw["object_hook"] = _array_hook
+            self._unpack_kw["object_hook"] = array_hook
 
     def encode(self, msg: Message) -> bytes:
-        return msgpack.packb(msg.to_wire(), use_bin_type=True, default=_default)
+        return msgpack.packb(msg.to_wire(), use_bin_type=True, default=wire_default)
 
     def decode(self, raw: bytes) -> Message:
         return self.from_dict(self.unpack(raw))

@@ -392,3 +392,23 @@ def _restarted_view(server: Server, pool: str, before: dict) -> dict | None:
     w = server.workers(pool)[0]
     new = w["state"] in ("ready", "busy") and len(w["pids"]) == 2 and not set(w["pids"]) & set(before["pids"])
     return w if new and w["restarts"] > before["restarts"] else None
+
+
+def test_a_plan_travels_as_msgpack_and_comes_back_equal():
+    """The step plan's wire form (worker/tp.py send_plan/receive_plan move these bytes in a uint8 tensor):
+    inputs of every msgpack type, arrays included, come back equal on the follower's side."""
+    import numpy as np
+
+    from protocol import NDArray
+    from worker.tp import decode_plan, encode_plan
+
+    array = np.arange(6, dtype=np.float32).reshape(2, 3)
+    plan = ("batch", [(1, {"x": 1.5, "s": "é", "b": b"\x00\xff", "l": [1, None]}, True), (2, array, False)])
+    kind, body = decode_plan(encode_plan(plan))
+    assert kind == "batch" and body[0] == plan[1][0]
+    jid, got, stream = body[1]
+    assert (jid, stream) == (2, False) and isinstance(got, NDArray)
+    assert np.array_equal(got.to_numpy(), array)
+    assert decode_plan(encode_plan(("stop", "drained"))) == ("stop", "drained")
+    with pytest.raises(TypeError):
+        encode_plan(("batch", [(3, object(), False)]))  # never pickled: an unknown type is refused

@@ -9,7 +9,8 @@ Process groups, created in the same order on every rank (creation is collective)
 - the main group: NCCL on GPU (device `cuda:<rank>`, gloo for CPU tensors), gloo on CPU. The model's
   collectives run here;
 - the guard group: gloo, with the short `guard_timeout`, for the collective guard (worker/guard.py);
-- the plan group: gloo, with a long timeout, over which rank 0 broadcasts each step's plan.
+- the plan group: gloo, with a long timeout, over which rank 0 broadcasts each step's plan (msgpack bytes
+  in a uint8 tensor after a fixed-size length tensor: `send_plan`; never pickle).
 
 Leader and followers: only rank 0 receives jobs from the coordinator. For a synchronous handler it broadcasts
 each batch (job ids and inputs) before running it, and the followers run the same batch and drop the
@@ -31,9 +32,11 @@ import threading
 import time
 from datetime import timedelta
 
+import msgpack
 import torch
 import torch.distributed as dist
 
+from protocol.codec import array_hook, wire_default
 from protocol.messages import WGroupReport
 from worker.guard import CollectiveGuard, GroupError, side_group
 from worker.handler import Job
@@ -169,7 +172,7 @@ class GroupRuntime:
 
     def _broadcast(self, plan: tuple) -> None:
         try:
-            dist.broadcast_object_list([plan], src=0, group=self._plan_group, device=torch.device("cpu"))
+            send_plan(plan, self._plan_group)
         except RuntimeError as e:
             raise GroupError(f"rank 0 lost its followers while broadcasting a {plan[0]} plan: {e}") from None
 
@@ -192,14 +195,13 @@ class GroupRuntime:
 
     def _receive(self) -> None:
         while True:
-            holder = [None]
             try:
-                dist.broadcast_object_list(holder, src=0, group=self._plan_group, device=torch.device("cpu"))
+                plan = receive_plan(self._plan_group)
             except RuntimeError as e:
                 self._plans.put(("lost", e))
                 return
-            self._plans.put(holder[0])
-            if holder[0][0] == "stop":
+            self._plans.put(plan)
+            if plan[0] == "stop":
                 return
 
     def _next_plan(self) -> tuple:
@@ -250,6 +252,36 @@ class GroupRuntime:
                 dist.destroy_process_group()
             except Exception as e:  # exiting anyway: a group that cannot be torn down is not worth a crash
                 log.warning("destroy_process_group: %s", e)
+
+
+def send_plan(plan: tuple, group) -> None:
+    """Broadcast a plan from rank 0 as msgpack bytes in a uint8 tensor, its length first in a fixed-size
+    tensor: two plain broadcasts, never pickle (an object collective would unpickle whatever arrives)."""
+    payload = encode_plan(plan)
+    dist.broadcast(torch.tensor([len(payload)], dtype=torch.int64), src=0, group=group)
+    dist.broadcast(torch.frombuffer(bytearray(payload), dtype=torch.uint8), src=0, group=group)
+
+
+def receive_plan(group) -> tuple:
+    """A follower's half of `send_plan`: blocks until rank 0 broadcasts the next plan."""
+    size = torch.zeros(1, dtype=torch.int64)
+    dist.broadcast(size, src=0, group=group)
+    data = torch.empty(int(size.item()), dtype=torch.uint8)
+    dist.broadcast(data, src=0, group=group)
+    return decode_plan(data.numpy().tobytes())
+
+
+def encode_plan(plan: tuple) -> bytes:
+    """("batch", [(jid, input, stream), ...]) or ("stop", reason) as msgpack; arrays in inputs travel as
+    NDArray maps, exactly as they came from the coordinator."""
+    return msgpack.packb(plan, use_bin_type=True, default=wire_default)
+
+
+def decode_plan(payload: bytes) -> tuple:
+    kind, body = msgpack.unpackb(payload, raw=False, object_hook=array_hook, max_ext_len=0)
+    if kind == "batch":
+        body = [tuple(item) for item in body]
+    return kind, body
 
 
 def _consume(outcome) -> None:
