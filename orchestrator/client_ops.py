@@ -91,6 +91,7 @@ class ClientOps:
         pool = self.pools[msg.pool]
         deadline = time.monotonic() + msg.timeout if msg.timeout else None
         retries = pool.cfg.retries if msg.retries is None else msg.retries
+        # msg.input is the client's msgpack bytes, never decoded here: the worker decodes it.
         job = Job(self.next_jid, route, msg.id, msg.pool, msg.input, msg.stream, retries, deadline)
         self.next_jid += 1
         self.jobs[(route, msg.id)] = job

@@ -5,7 +5,7 @@ failure and restart: one process for tp=1, or a TP group of `tp` rank processes.
 """
 from __future__ import annotations
 
-import json
+import dataclasses
 import logging
 import os
 import signal
@@ -14,6 +14,7 @@ import sys
 import time
 from dataclasses import dataclass, field
 
+from protocol.workerspec import CONTROL, DATA, GUARD_TIMEOUT_S, WorkerSpec, routing_id
 from .placement import cuda_visible
 from .states import WORKER_TRANSITIONS, WorkerState, move
 
@@ -40,7 +41,7 @@ class SlotSpec:
     cpu_threads: int | None = None
     cpu_affinity: bool = True  # pin each rank to its cores; else they only size its thread pools
     env: dict = field(default_factory=dict)
-    guard_timeout: float = 5.0  # tp > 1 only
+    guard_timeout: float = GUARD_TIMEOUT_S  # tp > 1 only
 
     @property
     def wid(self) -> str:
@@ -54,8 +55,8 @@ class Proc:
         self.rank = rank
         self.wid = wid
         # ROUTER identities of its two sockets (set by the worker from the same wid and incarnation).
-        self.ctl_id = f"c:{wid}:{incarnation}".encode()
-        self.data_id = f"d:{wid}:{incarnation}".encode()
+        self.ctl_id = routing_id(CONTROL, wid, incarnation)
+        self.data_id = routing_id(DATA, wid, incarnation)
         self.popen = popen
         self.pid = popen.pid
         self.pidfd = _pidfd(popen.pid)
@@ -149,30 +150,31 @@ def _pidfd(pid: int) -> int | None:
         return None
 
 
-def worker_spec(spec: SlotSpec, rank: int, incarnation: int, endpoint: str, cfg) -> dict:
-    """The JSON a worker process starts from (argv; data only, never code)."""
-    return {
-        "wid": spec.wid if rank == 0 else f"{spec.wid}#{rank}",
-        "slot": spec.wid,
-        "pool": spec.pool,
-        "handler": spec.handler,
-        "config": spec.config,
-        "devices": list(spec.devices),
-        "rank": rank,
-        "world_size": spec.tp,
-        "incarnation": incarnation,
-        "endpoint": endpoint,
-        "parent_pid": os.getpid(),
-        "cores": list(spec.cores[rank]) if spec.cores and spec.cpu_affinity else None,
-        "capacity": spec.capacity,
-        "hb_interval": cfg.hb_interval,
-        "coord_timeout": cfg.coord_timeout,
-        "log_level": cfg.log_level,
-        "guard_timeout": spec.guard_timeout,
+def worker_spec(spec: SlotSpec, rank: int, incarnation: int, endpoint: str, cfg) -> WorkerSpec:
+    """The spec a worker process starts from (argv; data only, never code)."""
+    return WorkerSpec(
+        wid=spec.wid if rank == 0 else f"{spec.wid}#{rank}",
+        slot=spec.wid,
+        pool=spec.pool,
+        handler=spec.handler,
+        config=spec.config,
+        devices=list(spec.devices),
+        rank=rank,
+        world_size=spec.tp,
+        incarnation=incarnation,
+        endpoint=endpoint,
+        parent_pid=os.getpid(),
+        cores=list(spec.cores[rank]) if spec.cores and spec.cpu_affinity else None,
+        capacity=spec.capacity,
+        hb_interval=cfg.hb_interval,
+        coord_timeout=cfg.coord_timeout,
+        log_level=cfg.log_level,
+        guard_timeout=spec.guard_timeout,
+        limits=dataclasses.asdict(cfg.limits),  # the worker decodes each job's input under these
         # CLOCK_MONOTONIC is one clock for the host: the worker measures its boot from here. (The process's
         # start time from /proc is anchored to a whole-second boot time, up to 1 s off.)
-        "spawned_at": time.monotonic(),
-    }
+        spawned_at=time.monotonic(),
+    )
 
 
 def worker_env(spec: SlotSpec, rank: int) -> dict:
@@ -199,13 +201,13 @@ def spawn(spec: SlotSpec, rank: int, incarnation: int, endpoint: str, cfg) -> Pr
     """Start one rank of a slot. Its stdout/stderr are pipes the event loop reads and prefixes."""
     ws = worker_spec(spec, rank, incarnation, endpoint, cfg)
     popen = subprocess.Popen(
-        [sys.executable, "-m", "worker", "--spec", json.dumps(ws)],
+        [sys.executable, "-m", "worker", "--spec", ws.encode()],
         env=worker_env(spec, rank), stdin=subprocess.DEVNULL,
         stdout=subprocess.PIPE, stderr=subprocess.PIPE, close_fds=True,
     )
     for pipe in (popen.stdout, popen.stderr):
         os.set_blocking(pipe.fileno(), False)
-    return Proc(rank, ws["wid"], incarnation, popen)
+    return Proc(rank, ws.wid, incarnation, popen)
 
 
 def exit_words(returncode: int | None) -> str:

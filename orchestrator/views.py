@@ -24,7 +24,8 @@ def _proc_view(p, now: float) -> dict:
             "heartbeat_age": round(now - p.last_seen, 3) if p.alive else None,
             "step_age": _rounded(p.current_step_age(now)) if p.alive else None,
             "rss_bytes": stats.get("rss_bytes"), "gpu_memory": stats.get("gpu") or [],
-            "guard": stats.get("guard")}  # TP ranks: collective guard cost per step (worker/guard.py)
+            "guard": stats.get("guard"),  # TP ranks: collective guard cost per step (worker/guard.py)
+            "transfers": stats.get("transfers")}  # ctx.to_device/to_host counts (worker/transfers.py)
 
 
 def _oldest(procs: list, key: str) -> float | None:

@@ -37,13 +37,15 @@ import torch
 import torch.distributed as dist
 
 from protocol.codec import array_hook, wire_default
+from protocol.errors import LOAD_FAILED
 from protocol.messages import WGroupReport
+from protocol.workerspec import WorkerSpec
+from worker.control import ControlState
 from worker.guard import CollectiveGuard, GroupError, side_group
 from worker.handler import Job
 
 log = logging.getLogger("worker.tp")
 
-GUARD_TIMEOUT_S = 5.0  # default for the pool's `guard_timeout`
 RENDEZVOUS_TIMEOUT_S = 120.0  # ranks start together, but a loaded machine may take long to import torch
 COLLECTIVE_TIMEOUT_S = 600.0  # main group; a rank hung in a collective is caught by the step watchdog first
 PLAN_TIMEOUT_S = 7 * 24 * 3600.0  # followers wait for the next plan as long as the group is idle
@@ -57,10 +59,11 @@ class GroupRuntime:
     groups; then rank 0 serves through the ComputeLoop (which calls `broadcast_batch` and `broadcast_stop`)
     and the other ranks call `follow(loop)`."""
 
-    def __init__(self, ctx, control, spec: dict):
-        self.ctx, self.control, self.spec = ctx, control, spec
-        self.rank, self.world_size = ctx.rank, ctx.world_size
-        self.guard_timeout = float(spec.get("guard_timeout") or GUARD_TIMEOUT_S)
+    def __init__(self, spec: WorkerSpec, device: str, state: ControlState):
+        self.spec, self.state = spec, state
+        self.rank, self.world_size = spec.rank, spec.world_size
+        self.rank_device = device  # this rank's torch device string ("cuda:1" or "cpu")
+        self.guard_timeout = float(spec.guard_timeout)
         self.guard: CollectiveGuard | None = None
         self.device = "cpu"  # where tensors for the main group's collectives live (cuda:<rank> with NCCL)
         self.failure: GroupError | None = None
@@ -70,8 +73,6 @@ class GroupRuntime:
         self._receiver: threading.Thread | None = None
         self._closed = False
         self._stopped = False  # a coordinated stop (rank 0's stop plan) happened: groups may be torn down
-        base_stats = control.stats_fn  # heartbeats carry the guard's cost next to the device figures
-        control.stats_fn = lambda: {**(base_stats() or {}), "guard": self.guard_stats()}
 
     # ------------------------------------------------------------------ start
 
@@ -86,7 +87,7 @@ class GroupRuntime:
             raise
         except Exception as e:  # torch raises RuntimeError/DistStoreError/ValueError here
             raise GroupError(f"rank {self.rank}: group rendezvous failed: {type(e).__name__}: {e}",
-                             "load_failed") from e
+                             LOAD_FAILED) from e
         log.info("rank %d/%d joined its group (backend %s, guard timeout %g s)", self.rank,
                  self.world_size, dist.get_backend(), self.guard_timeout)
 
@@ -99,12 +100,12 @@ class GroupRuntime:
         timeout = timedelta(seconds=RENDEZVOUS_TIMEOUT_S)
         if self.rank == 0:
             store = self._master_store(timeout)
-            send(WGroupReport(self.spec["wid"], self.spec["incarnation"], {"host": HOST, "port": store.port}))
+            send(WGroupReport(self.spec.wid, self.spec.incarnation, {"host": HOST, "port": store.port}))
             return store
-        if not self.control.group_info_event.wait(RENDEZVOUS_TIMEOUT_S):
+        if not self.state.group_info_event.wait(RENDEZVOUS_TIMEOUT_S):
             raise GroupError(f"rank {self.rank}: no rendezvous info from rank 0 within "
-                             f"{RENDEZVOUS_TIMEOUT_S:g} s", "load_failed")
-        info = self.control.group_info
+                             f"{RENDEZVOUS_TIMEOUT_S:g} s", LOAD_FAILED)
+        info = self.state.group_info
         return dist.TCPStore(info["host"], int(info["port"]), self.world_size, is_master=False,
                              timeout=timeout)
 
@@ -127,10 +128,10 @@ class GroupRuntime:
     def _init_groups(self, store) -> None:
         timeout = timedelta(seconds=COLLECTIVE_TIMEOUT_S)
         # Explicit GPU ids on a machine without CUDA (CPU tests of placement): gloo, never NCCL.
-        if self.ctx.device.startswith("cuda") and torch.cuda.is_available():
-            device = torch.device(self.ctx.device)
+        if self.rank_device.startswith("cuda") and torch.cuda.is_available():
+            device = torch.device(self.rank_device)
             torch.cuda.set_device(device)
-            self.device = self.ctx.device
+            self.device = self.rank_device
             dist.init_process_group("cpu:gloo,cuda:nccl", store=store, rank=self.rank,
                                     world_size=self.world_size, timeout=timeout, device_id=device)
         else:
@@ -149,7 +150,7 @@ class GroupRuntime:
             return  # first failure wins; after a coordinated stop an engine ending is expected
         self.failure = exc
         log.error("rank %d: group failure: %s", self.rank, exc.message)
-        self.control._poke()  # wakes rank 0's compute loop
+        self.state.wake()  # wakes rank 0's compute loop
         self._plans.put(("wake", None))  # wakes a follower
 
     def raise_if_failed(self) -> None:
@@ -211,14 +212,14 @@ class GroupRuntime:
             try:
                 kind, body = self._plans.get(timeout=POLL_S)
             except queue.Empty:
-                if self.control.stop_event.is_set():
+                if self.state.stop_event.is_set():
                     stop_seen = stop_seen or time.monotonic()
                     if time.monotonic() - stop_seen > STOP_GRACE_S:
-                        return "stop", f"{self.control.stop_reason} (no stop plan from rank 0)"
+                        return "stop", f"{self.state.stop_reason} (no stop plan from rank 0)"
                 continue
             if kind == "lost":
-                if self.control.stop_event.is_set():
-                    return "stop", self.control.stop_reason
+                if self.state.stop_event.is_set():
+                    return "stop", self.state.stop_reason
                 raise GroupError(f"rank {self.rank} lost rank 0 (the leader): {body}")
             if kind != "wake":
                 return kind, body
