@@ -138,6 +138,15 @@ class ComputeLoop:
     def send(self, msg) -> None:
         self.sock.send(self.codec.encode(msg))
 
+    def send_output(self, msg) -> None:
+        """Send a result or chunk. An output msgpack cannot carry (nested too deep, a type it does not
+        know) fails its job with handler_error, never the worker."""
+        try:
+            raw = self.codec.encode(msg)
+        except (TypeError, ValueError, OverflowError) as e:
+            raise JobError(HANDLER_ERROR, f"the output cannot be sent: {type(e).__name__}: {e}") from None
+        self.sock.send(raw)
+
     # ------------------------------------------------------------------ main loop
 
     def run(self) -> None:
@@ -236,7 +245,7 @@ class ComputeLoop:
                 chunk = next(gen)
                 self.progress.tick()
                 if job.stream:
-                    self.send(WChunk(job.jid, chunk))
+                    self.send_output(WChunk(job.jid, chunk))
         except StopIteration as stop:
             self._end(job.jid, WResult(job.jid, stop.value, (time.perf_counter() - start) * 1000))
         except GroupError:
@@ -245,7 +254,10 @@ class ComputeLoop:
             self._end(job.jid, self.errors.reply(job.jid, e))
 
     def _end(self, jid: int, msg) -> None:
-        self.send(msg)
+        try:
+            self.send_output(msg)
+        except JobError as e:
+            self.send(WError(jid, e.code, e.message))
         self.cancelled.discard(jid)
 
     # ------------------------------------------------------------------ engine handlers
