@@ -113,8 +113,8 @@ class DeviceTransfers(Transfers):
         if pool is self._fallback:
             return pool.to_device(array)
         host = torch.from_numpy(as_numpy(array))
-        # The pool stages the copy and reaps its ticket once done; the compute stream waits for it on
-        # the device, so the caller may use the tensor at once.
+        # The compute stream waits for the copy on the device, so the caller may use the tensor at once;
+        # the ticket (the staging buffer) is finished by a later reap, once the copy is done.
         out, _ticket = pool.to_device(host, compute_stream=torch.cuda.current_stream(self.device))
         return out
 
@@ -122,11 +122,17 @@ class DeviceTransfers(Transfers):
         import torch
 
         pool = self._ready()
-        if pool is self._fallback or tensor.device.type == "cpu":
-            return _host_array(tensor.cpu())
+        if pool is self._fallback:
+            return pool.to_host(tensor)
+        if tensor.device.type == "cpu":
+            return _host_array(tensor)
         if tensor.dtype == torch.bfloat16:
             tensor = tensor.float()
-        return pool.to_host(tensor, compute_stream=torch.cuda.current_stream(tensor.device)).numpy()
+        host = pool.to_host(tensor, compute_stream=torch.cuda.current_stream(tensor.device)).numpy()
+        # Every copy this thread issued before is done now (the compute stream waited on its inputs):
+        # give their streams and buffers back instead of holding them until the pool runs short.
+        pool.reap()
+        return host
 
     def stats(self) -> dict | None:
         if self._fallback is not None:
