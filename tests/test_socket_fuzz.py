@@ -437,7 +437,8 @@ def test_coordinator_memory_per_job_does_not_depend_on_what_input_holds(serve):
     try:
         busy = [f"busy{i}" for i in range(s.workers("sleep")[0]["capacity"])]  # every credit taken
         for rid in busy:
-            sock.send(msgpack.packb({"v": 1, "op": "submit", "id": rid, "pool": "sleep", "input": {"ms": 600_000}}))
+            sock.send(msgpack.packb({"v": 1, "op": "submit", "id": rid, "pool": "sleep",
+                                     "input": {"ms": 600_000}}))
         poll_until(lambda: s.status()["pools"]["sleep"]["inflight"] == len(busy), TIMEOUT, 0.05, "busy jobs")
         wire = len(inflating_submit(0))
         before = rss(coordinator)

@@ -53,7 +53,7 @@ def main(argv: list | None = None) -> int:
                         help="worker spec, msgpack in URL-safe base64 (protocol/workerspec.py)")
     try:
         spec = WorkerSpec.decode(parser.parse_args(argv).spec)
-    except ProtocolError as e:  # a coordinator of another version, or a hand-made spec: one line, no traceback
+    except ProtocolError as e:  # a coordinator of another version, or a hand-made spec: one line
         print(f"python -m worker: bad --spec: {e.message}", file=sys.stderr)
         return 2
     die_with_parent(spec.parent_pid)
