@@ -187,7 +187,7 @@ class Codec:
         except ValueError as e:
             if "exceeds max_" in str(e) and "max_ext_len" not in str(e):
                 raise MessageTooLarge(f"message field too large: {e}") from None
-            raise MalformedMessage(f"undecodable message: {e}") from None
+            raise MalformedMessage(f"undecodable message: {type(e).__name__}: {e}") from None
         except Exception as e:  # OutOfData (truncated), a non-map top level (ValueError above)...
             raise MalformedMessage(f"undecodable message: {type(e).__name__}: {e}") from None
         if unpacker.tell() != len(raw):

@@ -460,3 +460,40 @@ def test_coordinator_memory_per_job_does_not_depend_on_what_input_holds(serve):
         assert sum(r.get("code") == "cancelled" for r in replies) == len(jobs), replies
     finally:
         ctx.destroy(linger=0)
+
+
+@pytest.mark.slow
+def test_an_input_the_worker_cannot_decode_fails_that_job_alone(serve):
+    """The worker decodes `input` under the client limits: a bad one gets its code for that job only; the
+    same worker process goes on serving (no restart). Nesting past msgpack's depth limit cannot even be
+    skipped: the coordinator refuses that message whole (bad_request, null id), as before."""
+    s = serve(SERVER_ARGS, timeout=TIMEOUT)
+    pids = s.worker_pids()
+    ctx = zmq.Context()
+    sock = ctx.socket(zmq.DEALER)
+    sock.setsockopt(zmq.LINGER, 0)
+    sock.connect(s.address)
+    head = msgpack.packb({"v": 1, "op": "submit", "pool": "echo", "id": 0, "input": None})[:-1]
+    cases = {
+        "ext": (msgpack.packb(msgpack.ExtType(5, b"x")), "bad_request"),
+        "long string": (msgpack.packb("x" * 70_000), "too_large"),
+        "long list": (msgpack.packb(list(range(1001))), "too_large"),
+    }
+    try:
+        for rid, (inner, _code) in enumerate(cases.values()):
+            sock.send(head.replace(b"\xa2id\x00", b"\xa2id" + msgpack.packb(rid + 1)) + inner)
+        sock.send(head.replace(b"\xa2id\x00", b"\xa2id\x63") + b"\x91" * 5000 + b"\xc0")  # id 99, deep
+        sock.send(msgpack.packb({"v": 1, "op": "submit", "pool": "echo", "id": 100, "input": [1, "two"]}))
+        replies = {}
+        while len(replies) < len(cases) + 2:
+            assert sock.poll(int(TIMEOUT * 1000)), replies
+            reply = msgpack.unpackb(sock.recv())
+            replies[reply["id"]] = reply
+    finally:
+        ctx.destroy(linger=0)
+    for rid, (what, (_inner, code)) in enumerate(cases.items(), 1):
+        assert (replies[rid]["op"], replies[rid]["code"]) == ("error", code), (what, replies[rid])
+        assert replies[rid]["message"].startswith("input: "), replies[rid]
+    assert (replies[None]["op"], replies[None]["code"]) == ("error", "bad_request"), replies[None]
+    assert replies[100]["op"] == "result" and replies[100]["output"] == [1, "two"]
+    assert s.worker_pids() == pids and s.workers("echo")[0]["restarts"] == 0
