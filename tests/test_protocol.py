@@ -384,7 +384,8 @@ def test_worker_spec_round_trips_through_argv_text_with_its_defaults():
     back = WorkerSpec.decode(text)
     assert back == spec and back.input_limits() == Limits(max_str_len=10)
     plain = WorkerSpec.decode(_spec().encode())
-    assert (plain.guard_timeout, plain.rank, plain.config, plain.log_level) == (GUARD_TIMEOUT_S, 0, {}, "INFO")
+    defaults = (plain.guard_timeout, plain.rank, plain.config, plain.log_level)
+    assert defaults == (GUARD_TIMEOUT_S, 0, {}, "INFO")
 
 
 @pytest.mark.parametrize("change, match", [
@@ -449,7 +450,8 @@ def test_worker_sends_only_codes_defined_in_protocol_errors():
         skip = {id(n.body[0].value) for n in ast.walk(tree)
                 if isinstance(n, (ast.Module, ast.ClassDef, ast.FunctionDef)) and n.body
                 and isinstance(n.body[0], ast.Expr) and isinstance(n.body[0].value, ast.Constant)}
-        skip |= {id(c) for n in ast.walk(tree) if isinstance(n, ast.Compare) for c in [n.left, *n.comparators]}
+        skip |= {id(c) for n in ast.walk(tree) if isinstance(n, ast.Compare)
+                 for c in [n.left, *n.comparators]}
         found += [f"{path.relative_to(REPO)}:{n.lineno}: {n.value!r}" for n in ast.walk(tree)
                   if isinstance(n, ast.Constant) and n.value in ALL_CODES and id(n) not in skip]
     assert found == []
@@ -468,7 +470,8 @@ def test_the_coordinators_codec_leaves_input_as_its_msgpack_bytes():
     decoded = worker.unpack_value(msg.input)
     assert decoded["texts"] == value["texts"] and isinstance(decoded["x"], NDArray)
     # ... and an envelope without input, or with a nil one
-    assert Codec(opaque_input=True).decode(msgpack.packb({"v": 1, "op": "submit", "id": 1, "pool": "p"})).input is None
+    bare = msgpack.packb({"v": 1, "op": "submit", "id": 1, "pool": "p"})
+    assert Codec(opaque_input=True).decode(bare).input is None
 
 
 def test_the_coordinator_never_builds_what_input_holds():
@@ -481,7 +484,8 @@ def test_the_coordinator_never_builds_what_input_holds():
     with pytest.raises(MessageTooLarge):
         Codec(limits, arrays=True).unpack_value(inner)  # the worker's decode: too_large for that job
     with pytest.raises(MessageTooLarge):
-        Codec(limits, opaque_input=True).decode(msgpack.packb({"v": 1, "op": "submit", "id": 1, "pool": "p" * 9}))
+        long_pool = msgpack.packb({"v": 1, "op": "submit", "id": 1, "pool": "p" * 9})
+        Codec(limits, opaque_input=True).decode(long_pool)
 
 
 @pytest.mark.parametrize("raw", [
