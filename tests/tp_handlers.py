@@ -133,8 +133,8 @@ class SkewedGenerateHandler(GenerateHandler):
         if "skew_tokens" not in config:
             raise ValueError("SkewedGenerateHandler: config needs 'skew_tokens' (the forward size to skew)")
         self.skew_tokens = int(config.pop("skew_tokens"))
-        ctx.config = config  # the rest is generate's own config, which it validates
-        super().__init__(ctx)
+        # The rest is generate's own config, which it validates (the context is frozen: a copy carries it).
+        super().__init__(dataclasses.replace(ctx, config=config))
 
     def load(self) -> None:
         super().load()
