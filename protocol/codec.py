@@ -16,6 +16,7 @@ from .errors import (
 from .messages import MESSAGES, PROTOCOL_VERSION, Message
 
 NDARRAY_KEY = "__ndarray__"
+REUSE_MAX_BYTES = 64 * 1024  # envelopes up to this size are decoded by one reused Unpacker
 
 
 @dataclass(frozen=True)
@@ -114,6 +115,7 @@ class Codec:
         self.limits = limits or Limits()
         self.arrays = arrays
         self.opaque_input = opaque_input
+        self._reused = None  # the envelope decoder's Unpacker for small messages (one thread per Codec)
         lim = self.limits
         self._unpack_kw = dict(
             raw=False,
@@ -163,9 +165,25 @@ class Codec:
 
     def _unpack_envelope(self, raw: bytes) -> dict:
         """The top-level map with its `input` value left as its raw msgpack bytes: skipped, never built,
-        so what a job's input contains costs the coordinator nothing beyond its wire size."""
-        unpacker = msgpack.Unpacker(max_buffer_size=len(raw) + 1, **self._unpack_kw)
+        so what a job's input contains costs the coordinator nothing beyond its wire size.
+
+        Small messages (the dispatch hot path) go through one reused Unpacker: making one per message
+        costs more than a whole `unpackb` of a small submit. Its buffer never holds more than
+        REUSE_MAX_BYTES; after any error it is replaced, so no half-read message stays in it."""
+        if len(raw) <= REUSE_MAX_BYTES:
+            if self._reused is None:
+                self._reused = msgpack.Unpacker(max_buffer_size=REUSE_MAX_BYTES + 1, **self._unpack_kw)
+            unpacker, base = self._reused, self._reused.tell()
+        else:
+            unpacker, base = msgpack.Unpacker(max_buffer_size=len(raw) + 1, **self._unpack_kw), 0
         unpacker.feed(raw)
+        try:
+            return self._walk_envelope(unpacker, raw, base)
+        except BaseException:
+            self._reused = None
+            raise
+
+    def _walk_envelope(self, unpacker, raw: bytes, base: int) -> dict:
         try:
             size = unpacker.read_map_header()
         except Exception as e:
@@ -175,9 +193,9 @@ class Codec:
             for _ in range(size):
                 key = unpacker.unpack()
                 if key == "input":
-                    start = unpacker.tell()
+                    start = unpacker.tell() - base
                     unpacker.skip()
-                    d[key] = raw[start:unpacker.tell()]
+                    d[key] = raw[start:unpacker.tell() - base]
                 elif isinstance(key, str):
                     d[key] = unpacker.unpack()
                 else:
@@ -190,8 +208,9 @@ class Codec:
             raise MalformedMessage(f"undecodable message: {type(e).__name__}: {e}") from None
         except Exception as e:  # OutOfData (truncated), a non-map top level (ValueError above)...
             raise MalformedMessage(f"undecodable message: {type(e).__name__}: {e}") from None
-        if unpacker.tell() != len(raw):
-            raise MalformedMessage(f"undecodable message: {len(raw) - unpacker.tell()} bytes after the map")
+        left = len(raw) - (unpacker.tell() - base)
+        if left:
+            raise MalformedMessage(f"undecodable message: {left} bytes after the map")
         return d
 
     @staticmethod

@@ -496,5 +496,19 @@ def test_the_coordinator_never_builds_what_input_holds():
     b"",
 ])
 def test_a_bad_envelope_is_still_refused_with_input_left_undecoded(raw):
+    codec = Codec(opaque_input=True)
+    good = msgpack.packb({"v": 1, "op": "submit", "id": 2, "pool": "p", "input": {"k": [1]}})
+    assert codec.decode(good).input == msgpack.packb({"k": [1]})
     with pytest.raises(MalformedMessage):
-        Codec(opaque_input=True).decode(raw)
+        codec.decode(raw)
+    assert codec.decode(good).input == msgpack.packb({"k": [1]})  # nothing of the bad one is left over
+
+
+def test_envelopes_small_and_large_decode_alike_one_after_another():
+    """Small envelopes share one Unpacker, large ones get their own: interleaved, each comes out whole."""
+    codec = Codec(opaque_input=True)
+    for i, size in enumerate([10, 200_000, 30, 70_000, 65_000, 5]):
+        value = {"s": "x" * size, "i": i}
+        raw = msgpack.packb({"v": 1, "op": "submit", "id": i, "pool": "p", "input": value, "stream": True})
+        msg = codec.decode(raw)
+        assert (msg.id, msg.stream, msgpack.unpackb(msg.input)) == (i, True, value)
