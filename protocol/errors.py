@@ -22,6 +22,7 @@ INVALID_INPUT = "invalid_input"  # the handler rejected the job's input (prompt 
 HANDLER_ERROR = "handler_error"  # the handler raised; message carries a short traceback
 WORKER_CRASHED = "worker_crashed"  # the job's workers died retries+1 times; message names exit reasons
 COLLECTIVE_MISMATCH = "collective_mismatch"  # a TP group's ranks disagreed before a collective step
+LOAD_FAILED = "load_failed"  # w_fatal only (worker -> coordinator): the handler or TP group did not load
 SCALE_ERROR = "scale_error"  # scale request cannot be met (not enough free devices); nothing changed
 INTERNAL = "internal"  # a bug in the coordinator; the request was not processed
 DUPLICATE_ID = "duplicate_id"  # submit reuses the id of one of this client's unfinished jobs
@@ -34,12 +35,12 @@ BAD_CONFIG = "bad_config"  # a handler config key is unknown, missing or has a b
 UNKNOWN_HANDLER = "unknown_handler"  # the pool's handler names no built-in and no importable module:Class
 MODEL_NOT_FOUND = "model_not_found"  # the model is neither a local directory nor a valid hub id
 HANDLER_INIT_FAILED = "handler_init_failed"  # the handler's constructor raised
-LOAD_FAILED = "load_failed"  # load() raised something else (a crash, a CUDA error, out of memory)
+# LOAD_FAILED (above): load() raised something else (a crash, a CUDA error, out of memory): transient.
 
 ALL_CODES = (
     BAD_REQUEST, UNSUPPORTED_VERSION, UNKNOWN_OP, UNKNOWN_POOL, UNKNOWN_JOB, TOO_LARGE, OVERLOADED,
     UNAVAILABLE, SHUTTING_DOWN, CANCELLED, TIMEOUT, INVALID_INPUT, HANDLER_ERROR, WORKER_CRASHED,
-    COLLECTIVE_MISMATCH, SCALE_ERROR, INTERNAL, DUPLICATE_ID,
+    COLLECTIVE_MISMATCH, LOAD_FAILED, SCALE_ERROR, INTERNAL, DUPLICATE_ID,
 )
 WORKER_FATAL_CODES = (BAD_CONFIG, UNKNOWN_HANDLER, MODEL_NOT_FOUND, HANDLER_INIT_FAILED, LOAD_FAILED)
 PERMANENT_CODES = frozenset({BAD_CONFIG, UNKNOWN_HANDLER, MODEL_NOT_FOUND, HANDLER_INIT_FAILED})

@@ -1,7 +1,13 @@
-"""Assemble and run one worker process: control thread + handler + compute loop."""
+"""Assemble and run one worker process: control thread + handler + compute loop.
+
+Built in one order, each part complete when made, nothing filled in later: the control state (what the
+coordinator says), the TP group runtime, the handler's context, the control thread, the handler, the
+compute loop. Nothing here is slow; the slow work (rendezvous, model load) is in `ComputeLoop.start`.
+"""
 from __future__ import annotations
 
 import logging
+import os
 import signal
 import sys
 
@@ -10,37 +16,71 @@ import zmq
 from protocol import Codec, JobError
 from protocol.errors import HANDLER_INIT_FAILED, LOAD_FAILED, UNKNOWN_HANDLER, WorkerFailure
 from protocol.messages import WFatal
-from worker.control import ControlThread, Progress
-from worker.guard import GroupError
+from protocol.workerspec import DATA, WorkerSpec
+from worker.control import ControlState, ControlThread
+from worker.handler import EventSink, Progress, WorkerContext
 from worker.handlers import resolve
-from worker.runtime import ComputeLoop, outcome_error, short_traceback
+from worker.guard import GroupError
+from worker.runtime import ComputeLoop, Wakeup, outcome_error, short_traceback
 from worker.stats import device_stats
+from worker.transfers import make_transfers
 
 log = logging.getLogger("worker")
 
 EXIT_FATAL = 4  # a worker-level failure was reported (see _fatal)
-
-
 # After reporting a fatal failure the worker waits this long for the coordinator to kill it, so that its
 # report is always read before its exit is seen (an exit first would hide the reason behind "exit code 4").
 FATAL_WAIT_S = 10.0
 
 
-def serve(spec: dict, ctx) -> int:
+def rank_device(spec: WorkerSpec) -> str:
+    """This rank's torch device. Inside the worker, CUDA_VISIBLE_DEVICES renumbers our devices from 0;
+    a TP rank uses cuda:<rank>."""
+    if not os.environ.get("CUDA_VISIBLE_DEVICES"):
+        return "cpu"
+    return f"cuda:{spec.rank if spec.world_size > 1 else 0}"
+
+
+def build_context(spec: WorkerSpec, state: ControlState, wakeup: Wakeup) -> WorkerContext:
+    """The handler's whole context, in one place."""
+    device = rank_device(spec)
+    group = None
+    if spec.world_size > 1:
+        from worker.tp import GroupRuntime  # torch: only TP workers pay for it here
+
+        group = GroupRuntime(spec, device, state)
+    transfers = make_transfers(device)
+
+    def stats() -> dict:
+        # Heartbeats carry the device figures, the transfer pool's counts and, for TP, the guard's cost.
+        out = {**device_stats(spec.devices), "transfers": transfers.stats()}
+        if group is not None:
+            out["guard"] = group.guard_stats()
+        return out
+
+    return WorkerContext(wid=spec.wid, pool=spec.pool, devices=spec.devices, device=device,
+                         config=spec.config, rank=spec.rank, world_size=spec.world_size, group=group,
+                         sink=EventSink(wakeup.set), progress=Progress(), stats_fn=stats,
+                         transfers=transfers)
+
+
+def serve(spec: WorkerSpec) -> int:
     """Run until told to stop. Returns the process exit code (0 on a graceful stop)."""
     # Ctrl-C in the terminal reaches the whole process group; only the coordinator decides when we stop.
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     zctx = zmq.Context()
-    progress, cancelled = Progress(), set()
-    control = ControlThread(zctx, spec, progress, cancelled)
-    control.stats_fn = lambda: device_stats(ctx)
+    wakeup = Wakeup()
+    state = ControlState(wake=wakeup.set)
+    ctx = build_context(spec, state, wakeup)
+    control = ControlThread(zctx, spec, state, ctx.progress, ctx.stats_fn)
     control.start()
     loop = None
     try:
-        loop = _build(zctx, spec, ctx, control, progress)
-        return _serve_loop(loop, ctx, spec, control)
-    except WorkerFailure as e:  # the handler's class or constructor: the loop (and its socket) never existed
-        return _fatal(zctx, None, spec, control, e)
+        try:
+            loop = ComputeLoop(zctx, spec, _handler(spec, ctx), state, wakeup)
+        except WorkerFailure as e:  # the loop (and its data socket) never existed
+            return _fatal(zctx, None, spec, state, e)
+        return _serve_loop(loop, spec, state)
     finally:
         # Close everything, then term() the context: it waits out the sockets' linger, so the last
         # results (or the fatal reason) are on the wire before the process exits.
@@ -54,39 +94,34 @@ def serve(spec: dict, ctx) -> int:
             zctx.term()
 
 
-def _build(zctx, spec: dict, ctx, control: ControlThread, progress: Progress) -> ComputeLoop:
-    """The handler and its compute loop; a failure here is permanent (it would recur on every restart)."""
+def _handler(spec: WorkerSpec, ctx: WorkerContext):
+    """The pool's handler, built; a failure here is permanent (it would recur on every restart)."""
     try:
-        cls = resolve(spec["handler"])
+        cls = resolve(spec.handler)
     except Exception as e:  # an unknown name, a module that does not import, a missing class
-        raise WorkerFailure(UNKNOWN_HANDLER, f"handler {spec['handler']!r}: {type(e).__name__}: {e}") from e
+        raise WorkerFailure(UNKNOWN_HANDLER, f"handler {spec.handler!r}: {type(e).__name__}: {e}") from e
     try:
-        handler = cls(ctx)
+        return cls(ctx)
     except WorkerFailure:
         raise
     except Exception as e:  # a bug or a bad value in the handler's __init__: the same on every attempt
-        raise WorkerFailure(HANDLER_INIT_FAILED, f"{spec['handler']}: {type(e).__name__}: {e}") from e
-    if ctx.world_size > 1:
-        from worker.tp import GroupRuntime
-
-        ctx.group = GroupRuntime(ctx, control, spec)
-    return ComputeLoop(zctx, spec, handler, control, progress)
+        raise WorkerFailure(HANDLER_INIT_FAILED, f"{spec.handler}: {type(e).__name__}: {e}") from e
 
 
-def _serve_loop(loop: ComputeLoop, ctx, spec: dict, control: ControlThread) -> int:
+def _serve_loop(loop: ComputeLoop, spec: WorkerSpec, state: ControlState) -> int:
     try:
         loop.start()
     except Exception as e:
-        return _fatal(loop.zctx, loop.sock, spec, control, e, loading=True)
-    log.info("ready: handler=%s devices=%s", spec["handler"], spec["devices"])
+        return _fatal(loop.zctx, loop.sock, spec, state, e, loading=True)
+    log.info("ready: handler=%s devices=%s", spec.handler, spec.devices)
     try:
-        if ctx.group is not None and ctx.rank > 0:
-            ctx.group.follow(loop)  # ranks > 0 take their work from rank 0, never from the coordinator
+        if loop.group is not None and spec.rank > 0:
+            loop.group.follow(loop)  # ranks > 0 take their work from rank 0, never from the coordinator
         else:
             loop.run()
     except Exception as e:
-        return _fatal(loop.zctx, loop.sock, spec, control, e)
-    log.info("stopped: %s", control.stop_reason)
+        return _fatal(loop.zctx, loop.sock, spec, state, e)
+    log.info("stopped: %s", state.stop_reason)
     return 0
 
 
@@ -103,7 +138,8 @@ def fatal_report(exc: BaseException, loading: bool = False) -> tuple[str, str]:
     return code, message
 
 
-def _fatal(zctx, sock, spec: dict, control: ControlThread, exc: Exception, loading: bool = False) -> int:
+def _fatal(zctx: zmq.Context, sock, spec: WorkerSpec, state: ControlState, exc: Exception,
+           loading: bool = False) -> int:
     """Report a worker-level failure (load error, collective mismatch) and wait to be killed.
 
     The report carries the one-line reason the coordinator shows in status and health, and the traceback
@@ -115,10 +151,10 @@ def _fatal(zctx, sock, spec: dict, control: ControlThread, exc: Exception, loadi
     log.error("fatal: %s: %s", code, message)
     if sock is None:  # failed before the data socket existed: one with the data socket's routing id
         sock = zctx.socket(zmq.DEALER)
-        sock.setsockopt(zmq.ROUTING_ID, f"d:{spec['wid']}:{spec['incarnation']}".encode())
-        sock.connect(spec["endpoint"])
-    sock.send(Codec().encode(WFatal(spec["wid"], spec["incarnation"], code, message[-4000:], details)))
+        sock.setsockopt(zmq.ROUTING_ID, spec.routing_id(DATA))
+        sock.connect(spec.endpoint)
+    sock.send(Codec().encode(WFatal(spec.wid, spec.incarnation, code, message[-4000:], details)))
     sock.close(linger=1000)  # the context's term() waits up to 1 s for the reason to be delivered
     sys.stderr.flush()
-    control.stop_event.wait(FATAL_WAIT_S)  # normally the coordinator's kill ends us here
+    state.stop_event.wait(FATAL_WAIT_S)  # normally the coordinator's kill ends us here
     return EXIT_FATAL
