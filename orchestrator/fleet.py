@@ -64,14 +64,7 @@ class Fleet:
         """Restart every slot of the pool with a fresh failure budget: failed ones at once, serving ones
         after a drain (their jobs finish first). Retries a permanent failure once its cause is fixed."""
         for slot in list(pool.slots.values()):
-            if slot.state == WS.FAILED:
-                self.sup.retry(slot, f"reload {pool.name}", fresh_budget=True)
-            elif slot.state != WS.STOPPED and not slot.stop_reason:
-                slot.budget.reset()
-                slot.consecutive_failures = 0
-                if slot.state in (WS.READY, WS.BUSY, WS.STARTING, WS.LOADING):
-                    slot.restart_on_stop = True
-                    self.sup.drain_slot(slot, f"reload {pool.name}")
+            self.sup.reload(slot, f"reload {pool.name}")
         log.info("pool %s: reload", pool.name, extra={"pool": pool.name})
 
     def reconcile(self, now: float) -> None:
@@ -82,9 +75,7 @@ class Fleet:
         """Move the pool toward its desired replica count: retry slots whose failure budget refilled,
         start missing slots, drain extra ones. A permanent failure waits for the operator."""
         for slot in list(pool.slots.values()):
-            if slot.state == WS.FAILED and not slot.permanent and slot.retry_at is not None \
-                    and now >= slot.retry_at:
-                self.sup.retry(slot, "failure budget refilled", fresh_budget=False)
+            self.sup.retry_if_due(slot, now)
         active = [s for s in pool.live_slots() if s.state != WS.DRAINING or s.restart_on_stop]
         if len(active) == pool.desired:
             return

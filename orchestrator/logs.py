@@ -54,9 +54,9 @@ TEXT_FORMAT = "%(asctime)s %(levelname)-7s %(name)s [%(wid)s] %(message)s"
 
 class HoldUntilStarted(logging.Handler):
     """Holds log records while serve starts, so that a startup failure is the first line on stderr
-    (the log, with the one traceback, follows it). Released by `release_held()` once every pool's first load
-    settled, or by the first record after `max_hold` seconds, so a slow model load is never silent for
-    long. Records pass straight through once released. (Not `release()`: that is the handler's lock.)"""
+    (the log, with the one traceback, follows it). Released by `release_held()` once every pool's first
+    load settled, or by the first record after `max_hold` seconds, so a slow model load is never silent
+    for long. Records pass straight through once released. (Not `release()`: that is the handler's lock.)"""
 
     def __init__(self, target: logging.Handler, max_hold: float):
         super().__init__()

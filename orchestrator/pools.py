@@ -85,7 +85,8 @@ class Pool:
     def reason(self) -> str | None:
         """Why the pool is not ready, in words: the first failed (else dead) slot's last exit reason."""
         slots = sorted(self.live_slots(), key=lambda s: s.spec.index)
-        for states in ((WorkerState.FAILED,), (WorkerState.DEAD, WorkerState.RESTARTING, WorkerState.STUCK)):
+        down = (WorkerState.DEAD, WorkerState.RESTARTING, WorkerState.STUCK)
+        for states in ((WorkerState.FAILED,), down):
             for s in slots:
                 if s.state in states and s.last_exit_reason:
                     return f"{s.name}: {s.last_exit_reason}"

@@ -133,4 +133,5 @@ def take(state: str, endpoint: str | None, uptime: float, heartbeat_timeout: flo
     return Snapshot(
         state=state, endpoint=endpoint, pid=os.getpid(), uptime=round(uptime, 3),
         jobs_unfinished=table.unfinished(), rejected=dict(rejected), heartbeat_timeout=heartbeat_timeout,
-        limits=dict(limits or {}), pools={name: pool_snapshot(p, table.pools[name], now) for name, p in pools.items()})
+        limits=dict(limits or {}),
+        pools={name: pool_snapshot(p, table.pools[name], now) for name, p in pools.items()})

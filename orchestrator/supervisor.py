@@ -218,6 +218,26 @@ class Supervisor:
         log.info("%s: restarting in %.2f s (attempt %d)", slot.name, d.restart_in, slot.consecutive_failures,
                  extra=ids(slot))
 
+    def retry_if_due(self, slot: Slot, now: float) -> None:
+        """The reconcile step: a slot failed for a transient reason comes back once its budget refilled."""
+        if slot.state == S.FAILED and not slot.permanent and slot.retry_at is not None \
+                and now >= slot.retry_at:
+            self.retry(slot, "failure budget refilled", fresh_budget=False)
+
+    def reload(self, slot: Slot, reason: str) -> None:
+        """`reload POOL`: a failed slot starts at once, a live one after its drain (restart_on_stop), both
+        with a fresh failure budget. A slot already being stopped on purpose is left alone."""
+        if slot.state == S.FAILED:
+            self.retry(slot, reason, fresh_budget=True)
+            return
+        if slot.state == S.STOPPED or slot.stop_reason:
+            return
+        slot.budget.reset()
+        slot.consecutive_failures = 0
+        if slot.state in (S.READY, S.BUSY, S.STARTING, S.LOADING):
+            slot.restart_on_stop = True
+            self.drain_slot(slot, reason)
+
     def retry(self, slot: Slot, reason: str, fresh_budget: bool) -> None:
         """Start a FAILED slot again: the reconcile step once its budget refilled, or the operator (scale,
         reload) with a fresh budget, which is the only way a permanent failure is retried."""

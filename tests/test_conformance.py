@@ -26,7 +26,8 @@ DOC = os.path.join(REPO, "protocol", "README.md")
 WAIT = 120.0  # seconds for any one expected reply or state (a shared 2-core machine)
 
 TYPES = {"int": lambda v: isinstance(v, int) and not isinstance(v, bool),
-         "float": lambda v: isinstance(v, float), "str": lambda v: isinstance(v, str), "bool": lambda v: isinstance(v, bool),
+         "float": lambda v: isinstance(v, float), "str": lambda v: isinstance(v, str),
+         "bool": lambda v: isinstance(v, bool),
          "map": lambda v: isinstance(v, dict), "list": lambda v: isinstance(v, list)}
 
 

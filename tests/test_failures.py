@@ -153,8 +153,8 @@ config = {{ model = {json.dumps(str(model_dir))} }}
                "the retry by scale failed again")
 
     model_dir.mkdir()  # the cause is gone; nothing retries until the operator says so
-    reload = subprocess.run([sys.executable, "-m", "orchestrator", "reload", "m",
-                             "--address", server.address], capture_output=True, text=True, timeout=60, cwd=REPO)
+    reload = subprocess.run([sys.executable, "-m", "orchestrator", "reload", "m", "--address", server.address],
+                            capture_output=True, text=True, timeout=60, cwd=REPO)
     assert reload.returncode == 0 and json.loads(reload.stdout) == {"pool": "m", "replicas": 1}, reload.stderr
     poll_until(lambda: slot(c, "m")["state"] == "ready", WAIT, 0.1, "m/0 ready after reload")
     assert c.run("m", {"n": 1}, timeout=30)["echo"] == {"n": 1}

@@ -27,7 +27,8 @@ TINY_LLAMA = dict(hidden_size=64, num_hidden_layers=2, num_attention_heads=4, nu
 
 def torch_dtype(name, device: str, who: str):
     """A pool config's "dtype" as a torch dtype. "auto" is float32 on CPU (bf16/fp16 CPU kernels are slow
-    or missing) and the checkpoint's own dtype on GPU; an unknown name raises ConfigError (permanent) naming `who`."""
+    or missing) and the checkpoint's own dtype on GPU; an unknown name raises ConfigError (permanent) naming
+    `who`."""
     import torch
 
     name = name or "auto"
@@ -68,7 +69,8 @@ def check_model_location(model) -> None:
     if os.path.isdir(os.path.expanduser(model)):
         return
     if not is_hub_id(model):
-        raise WorkerFailure(MODEL_NOT_FOUND, f"model {model!r} not found: not a local directory, and not a hub id")
+        raise WorkerFailure(MODEL_NOT_FOUND,
+                            f"model {model!r} not found: not a local directory, and not a hub id")
 
 
 def minilm_path() -> str:
