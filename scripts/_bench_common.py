@@ -428,20 +428,26 @@ def _role_greedy(spec: dict) -> dict:
 def _role_inproc(spec: dict) -> dict:
     """One model on one device; per method: an untimed warm-up, then each run's waves. With spec["levels"]
     ({name: {"warmup": waves, "timed": waves}}), one engine serves every level in turn, each with its own
-    untimed warm-up wave, as one orchestrator server does in bench_gpu_scaling's engine comparison."""
+    untimed warm-up wave and its own engine (level["cb"]), as the per-level pools of bench_gpu_scaling's
+    engine comparison."""
     t0 = time.perf_counter()
     model = load_model(spec["model"], spec["dtype"], spec["device"])
     out: dict = {"load_s": time.perf_counter() - t0}
     for method in spec.get("methods", ["manager"]):
-        runner = Runner(model, method, spec["new_tokens"], spec["cb"], spec.get("engine_warmup", False))
-        try:
-            if "levels" in spec:
-                out[method] = {}
-                for name, level in spec["levels"].items():
+        if "levels" in spec:  # one manager per level, each with that level's engine config
+            out[method] = {}
+            for name, level in spec["levels"].items():
+                runner = Runner(model, method, spec["new_tokens"], level.get("cb", spec["cb"]),
+                                spec.get("engine_warmup", False))
+                try:
                     runner.waves(level["warmup"])
                     run = runner.waves(level["timed"])
-                    out[method][name] = {k: run[k] for k in ("seconds", "tokens")}
-                continue
+                finally:
+                    runner.close()
+                out[method][name] = {k: run[k] for k in ("seconds", "tokens")}
+            continue
+        runner = Runner(model, method, spec["new_tokens"], spec["cb"], spec.get("engine_warmup", False))
+        try:
             runner.waves(spec["warmup"])
             out[method] = {name: runner.waves(waves) for name, waves in spec["runs"].items()}
         finally:

@@ -34,15 +34,19 @@ Writes JSON to --out and $OUT/bench_gpu_scaling.json. `--smoke`: tiny CPU run of
       --out docs/bench_results/gpu_scaling.json
 
 Engine comparison (issue 13, `--levels 16,64,128`, one GPU): the generate handler's engine defaults against
-the old ones, and against in-process with the same engine, at several concurrency levels. One engine config
-(the sizing for the largest level) everywhere. Per repeat, each with a fresh server or process that serves
-every level in turn (an untimed wave, then `--waves` timed waves per level):
+the old ones, and against in-process with the same engine, at several concurrency levels. Each level has
+its own engine sizing (engine_config: KV blocks, token budget), as in the scaling runs: with graphs and
+sdpa the engine's speed falls with its cache's size (scripts/diag_cb_padding.py), so one sizing for every
+level would understate the low ones. Per repeat, one fresh server with one pool per level (all on GPU 0,
+driven one at a time) or one process with one engine per level; per level an untimed wave, then `--waves`
+timed waves:
 
   new         orchestrator, one worker, the handler's defaults (on CUDA: CUDA graphs, async batching,
               warm-up inside load());
   old         orchestrator, one worker, the defaults before issue 13 (`use_cuda_graph` and
               `use_async_batching` false, no warm-up);
-  inproc      the CB manager in a process of its own with the new defaults' switches, warmed the same way.
+  inproc      the CB manager in a process of its own with the new defaults' switches (graphs, async
+              batching, KV reads padded to 1,024), warmed with `manager.warmup()` and the untimed wave.
 
 Ratios are paired by repeat (median over repeats). Goals: new >= 2.5 x old at 16 and >= 1.8 x at 64;
 new >= 0.98 x in-process at every level. `--parity` first checks, on a small float32 Llama, that the
@@ -175,6 +179,7 @@ class Bench:
 
 OLD_SWITCHES = {"use_cuda_graph": False, "use_async_batching": False}
 NEW_SWITCHES = {"use_cuda_graph": True, "use_async_batching": True}
+NEW_KV_PADDING = 1024  # the generate handler's default with graphs and sdpa (GRAPHED_KV_PADDING)
 PARITY_ARCH = dict(hidden_size=256, num_hidden_layers=4, num_attention_heads=4, num_key_value_heads=2,
                    intermediate_size=512, vocab_size=1024, max_position_embeddings=1024)
 
@@ -184,41 +189,47 @@ class Engines:
 
     def __init__(self, bench: Bench, args):
         self.bench, self.args = bench, args
-        top = max(args.levels)
-        self.cb = engine_config(top, args.prompt_len, args.new_tokens, args.smoke)
+        self.cb = {}
         self.levels = {}
         for i, c in enumerate(args.levels):
             prompts = make_prompts(c * (args.waves + 1), args.prompt_len, bench.arch["vocab_size"], seed=100 + i)
-            self.levels[str(c)] = {"warmup": [prompts[:c]], "timed": split_waves(prompts[c:], c)}
+            self.cb[str(c)] = engine_config(c, args.prompt_len, args.new_tokens, args.smoke)
+            self.levels[str(c)] = {"warmup": [prompts[:c]], "timed": split_waves(prompts[c:], c),
+                                   "cb": self.cb[str(c)]}
 
     def orchestrator(self, engine: str) -> dict:
         from orchestrator import Client
 
         a, b = self.args, self.bench
-        config = {"model": b.model, "dtype": b.dtype, "capacity": max(a.levels),
-                  "max_new_tokens_cap": max(64, a.new_tokens), "cb": dict(self.cb)}
-        if engine == "old":
-            config["cb"].update(OLD_SWITCHES)
-            config["warmup"] = False
-        cfg = write_pools_toml(os.path.join(b.work, f"engine_{engine}.toml"), {"gen": {
-            "handler": "generate", "devices": b.devices(1), "capacity": max(a.levels), "max_restarts": 0,
-            "config": config}})
-        out = {}
+        pools = {}
+        for name, level in self.levels.items():  # one pool per level, each with that level's engine sizing
+            config = {"model": b.model, "dtype": b.dtype, "capacity": int(name),
+                      "max_new_tokens_cap": max(64, a.new_tokens), "cb": dict(level["cb"])}
+            if engine == "old":
+                config["cb"].update(OLD_SWITCHES)
+                config["warmup"] = False
+            pools[f"gen{name}"] = {"handler": "generate", "devices": b.devices(1), "capacity": int(name),
+                                   "max_restarts": 0, "config": config}
+        cfg = write_pools_toml(os.path.join(b.work, f"engine_{engine}.toml"), pools)
+        out, starts = {}, {}
         with Serve(["--config", cfg]).start(timeout=a.timeout) as serve, Client(serve.address) as c:
             for name, level in self.levels.items():
-                orch_waves(c, "gen", level["warmup"], a.new_tokens, a.timeout)
-                run = orch_waves(c, "gen", level["timed"], a.new_tokens, a.timeout)
+                orch_waves(c, f"gen{name}", level["warmup"], a.new_tokens, a.timeout)
+                run = orch_waves(c, f"gen{name}", level["timed"], a.new_tokens, a.timeout)
                 out[name] = {"seconds": run["seconds"], "tokens": run["tokens"], "tok_s": run["tokens"] / run["seconds"]}
-            info = c.status()["pools"]["gen"]["workers"][0]["info"]
-        start = {k: info.get(k) for k in ("boot_s", "load_s", "load_phases", "engine", "transformers")}
-        return {"levels": out, "cold_start_s": serve.ready_s, "start": start}
+            status = c.status()["pools"]
+        for name in self.levels:
+            info = status[f"gen{name}"]["workers"][0]["info"]
+            starts[name] = {k: info.get(k) for k in ("boot_s", "load_s", "load_phases", "engine", "transformers")}
+        return {"levels": out, "cold_start_s": serve.ready_s, "start": starts}
 
     def inproc(self) -> dict:
         a, b = self.args, self.bench
         env, devices = b.role_env(1)
-        cb = {**self.cb, **({} if a.smoke else NEW_SWITCHES)}
-        spec = {"model": b.model, "dtype": b.dtype, "device": devices[0], "new_tokens": a.new_tokens, "cb": cb,
-                "levels": self.levels, "methods": ["manager"], "engine_warmup": not a.smoke}
+        switches = {} if a.smoke else {**NEW_SWITCHES, "kv_padding_interval_size": NEW_KV_PADDING}
+        levels = {k: {**v, "cb": {**v["cb"], **switches}} for k, v in self.levels.items()}
+        spec = {"model": b.model, "dtype": b.dtype, "device": devices[0], "new_tokens": a.new_tokens, "cb": {},
+                "levels": levels, "methods": ["manager"], "engine_warmup": not a.smoke}
         out = run_role("inproc", spec, env, a.timeout + 60 * len(self.levels))["manager"]
         return {"levels": {k: {**v, "tok_s": v["tokens"] / v["seconds"]} for k, v in out.items()}}
 
@@ -294,11 +305,11 @@ def summarize_engines(res: dict, levels: list) -> tuple[str, dict]:
     lines = [table, ""]
     for kind in ("new", "old"):
         for r in runs.get(kind, []):
-            st = r["start"]
-            lines.append(f"cold start {kind}: {r['cold_start_s']:.1f} s (boot {st['boot_s']} s, load {st['load_s']} s: "
-                         f"{st['load_phases']})")
-    eng = (runs.get("new") or [{}])[0].get("start", {}).get("engine")
-    lines.append(f"new engine (READY info): {eng}")
+            for level, st in r["start"].items():
+                lines.append(f"start {kind} (pool of level {level}, server ready in {r['cold_start_s']:.1f} s): "
+                             f"boot {st['boot_s']} s, load {st['load_s']} s: {st['load_phases']}")
+    for level, st in (runs.get("new") or [{}])[0].get("start", {}).items():
+        lines.append(f"new engine, level {level} (READY info): {st.get('engine')}")
     if res.get("parity"):
         pr = res["parity"]
         lines.append(f"parity: {pr['identical_one_at_a_time']}/{pr['prompts']} identical one at a time, "
