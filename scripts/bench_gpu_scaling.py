@@ -265,10 +265,42 @@ class Engines:
                 "identical_all_at_once": sum(x == y for x, y in zip(together, want))}
 
 
+def arrival(eng: Engines, level: str, admit_ms: float) -> dict:
+    """One pool of `level` with the new defaults and admit_window_ms; per timed wave: tok/s, and how far
+    apart the jobs reached the worker (received) and entered the engine (first scheduled), from each
+    result's timing (one CLOCK_MONOTONIC for every process of the host)."""
+    from orchestrator import Client
+
+    a, b, lv = eng.args, eng.bench, eng.levels[level]
+    config = {"model": b.model, "dtype": b.dtype, "capacity": int(level), "max_new_tokens_cap": max(64, a.new_tokens),
+              "cb": dict(lv["cb"]), "admit_window_ms": admit_ms}
+    cfg = write_pools_toml(os.path.join(b.work, f"arrival_{admit_ms}.toml"), {"gen": {
+        "handler": "generate", "devices": b.devices(1), "capacity": int(level), "max_restarts": 0, "config": config}})
+    waves = []
+    with Serve(["--config", cfg]).start(timeout=a.timeout) as serve, Client(serve.address) as c:
+        orch_waves(c, "gen", lv["warmup"], a.new_tokens, a.timeout)
+        for wave in lv["timed"]:
+            t0 = time.perf_counter()
+            handles = [c.submit("gen", {"input_ids": p, "max_new_tokens": a.new_tokens}) for p in wave]
+            outs = [h.result(a.timeout) for h in handles]
+            secs = time.perf_counter() - t0
+            rec = [o["timing"]["received"] for o in outs]
+            sch = [o["timing"]["scheduled"] for o in outs if o["timing"]["scheduled"]]
+            waves.append({"tok_s": sum(len(o["token_ids"]) for o in outs) / secs,
+                          "received_spread_ms": (max(rec) - min(rec)) * 1000,
+                          "scheduled_spread_ms": (max(sch) - min(sch)) * 1000 if sch else None,
+                          "submit_to_first_received_ms": (min(rec) - t0) * 1000})
+    del serve
+    return {"level": level, "admit_window_ms": admit_ms, "waves": waves}
+
+
 def engine_plan(eng: Engines, args) -> list:
     """(kind, name, fn) in run order: per repeat new, old, in-process (alternating which comes first, so that
     neither always runs on a cooler or warmer machine)."""
     plan = [("parity", "parity (new defaults vs model.generate)", eng.parity)] if args.parity else []
+    for admit in args.arrival:
+        plan.append(("arrival", f"arrival at {max(args.levels)}, admit window {admit} ms",
+                     lambda w=admit: arrival(eng, str(max(args.levels)), w)))
     for r in range(args.repeats):
         order = ["new", "old", "inproc"] if r % 2 == 0 else ["inproc", "old", "new"]
         for kind in order:
@@ -330,6 +362,11 @@ def run_engines(args, bench: Bench, res: dict, steps: Steps) -> None:
             continue
         if kind == "parity":
             res["parity"] = r
+        elif kind == "arrival":
+            res.setdefault("arrival", []).append(r)
+            for w in r["waves"]:
+                print(f"  -> admit {r['admit_window_ms']} ms: {w['tok_s']:,.0f} tok/s, received spread "
+                      f"{w['received_spread_ms']:.1f} ms, scheduled spread {w['scheduled_spread_ms']} ms", flush=True)
         else:
             res["engines"].setdefault(kind, []).append(r)
             print("  -> " + ", ".join(f"{c}: {v['tok_s']:,.0f} tok/s" for c, v in r["levels"].items()), flush=True)
@@ -472,6 +509,8 @@ def main(argv=None) -> int:
     p.add_argument("--levels", type=lambda v: [int(x) for x in v.split(",")],
                    help="engine comparison at these concurrency levels (one GPU): see the module docstring")
     p.add_argument("--parity", action="store_true", help="with --levels: greedy parity check first")
+    p.add_argument("--arrival", type=lambda v: [float(x) for x in v.split(",")], default=[],
+                   help="with --levels: admit windows (ms) to diagnose at the top level: arrival spread per wave")
     p.add_argument("--out", help="JSON results file (also $OUT/bench_gpu_scaling.json)")
     args = p.parse_args(argv)
     if args.smoke:
