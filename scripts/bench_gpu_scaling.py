@@ -216,7 +216,8 @@ class Engines:
             for name, level in self.levels.items():
                 orch_waves(c, f"gen{name}", level["warmup"], a.new_tokens, a.timeout)
                 run = orch_waves(c, f"gen{name}", level["timed"], a.new_tokens, a.timeout)
-                out[name] = {"seconds": run["seconds"], "tokens": run["tokens"], "tok_s": run["tokens"] / run["seconds"]}
+                out[name] = {"seconds": run["seconds"], "tokens": run["tokens"],
+                             "tok_s": run["tokens"] / run["seconds"]}
             status = c.status()["pools"]
         for name in self.levels:
             info = status[f"gen{name}"]["workers"][0]["info"]
@@ -318,7 +319,6 @@ def summarize_engines(res: dict, levels: list) -> tuple[str, dict]:
     for c in levels:
         key = str(c)
         tok = {k: [r["levels"][key]["tok_s"] for r in runs.get(k, [])] for k in ("new", "old", "inproc")}
-        n = min(len(tok["new"]), len(tok["old"]) or 10**9, len(tok["inproc"]) or 10**9)
         new_old = [x / y for x, y in zip(tok["new"], tok["old"])]
         new_in = [x / y for x, y in zip(tok["new"], tok["inproc"])]
         med = lambda v: statistics.median(v) if v else None  # noqa: E731
@@ -328,10 +328,10 @@ def summarize_engines(res: dict, levels: list) -> tuple[str, dict]:
                      " / ".join(", ".join(f"{v:,.0f}" for v in tok[k]) for k in ("new", "old", "inproc"))])
         target = {16: 2.5, 64: 1.8}.get(c)
         if target and new_old:
-            goals[f"new_vs_old_{c}"] = {"value": med(new_old), "target": f">= {target}", "passed": med(new_old) >= target}
+            goals[f"new_vs_old_{c}"] = {"value": med(new_old), "target": f">= {target}",
+                                        "passed": med(new_old) >= target}
         if new_in:
             goals[f"new_vs_inproc_{c}"] = {"value": med(new_in), "target": ">= 0.98", "passed": med(new_in) >= 0.98}
-        del n
     table = fmt_table(["concurrency", "new tok/s", "old tok/s", "in-proc tok/s", "new/old", "per repeat",
                        "new/in-proc", "per repeat", "tok/s per repeat (new / old / in-proc)"], rows)
     lines = [table, ""]

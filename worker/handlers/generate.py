@@ -437,8 +437,9 @@ class GenerateHandler(EngineHandler):
         warm_s = None
         if not sample and self._warmup_wanted() and hasattr(manager, "warmup"):
             # The sampling engine starts on the compute thread at the first sampled request, so it is not
-            # warmed: that would stall every job. The greedy engine's own warm-up runs before its thread starts (the thread then reuses this batch processor
-            # with its graphs): the largest varlen size first, so that later captures fit in its memory pool.
+            # warmed: that would stall every job. The greedy engine's own warm-up runs before its thread
+            # starts (the thread then reuses this batch processor with its graphs): the largest varlen size
+            # first, so that later captures fit in its memory pool.
             t0 = time.perf_counter()
             manager.warmup()
             warm_s = round(time.perf_counter() - t0, 3)
@@ -474,7 +475,7 @@ class GenerateHandler(EngineHandler):
     def _warm(self, engine: _Engine) -> None:
         """Synthetic bursts of 1, 2, 4 ... capacity requests through the running engine, before READY: they
         capture the prefill and decode graphs of bursts of those sizes. Their request ids are not jobs, so
-        the reader drops their outputs; this thread waits for them by polling the engine's request count."""
+        the reader only crosses them off `_warming` when they finish; this thread waits until none is left."""
         t0 = time.perf_counter()
         opts = self.config["warmup"] if isinstance(self.config.get("warmup"), dict) else {}
         plen = int(opts.get("prompt_tokens", WARMUP_PROMPT_TOKENS))
@@ -482,7 +483,7 @@ class GenerateHandler(EngineHandler):
         sizes = sorted({min(2 ** k, self.capacity) for k in range(self.capacity.bit_length() + 1)})
         vocab = max(3, min(self.limits.vocab, 1000))
         for size in sizes:
-            rids = [f"__warmup_{size}_{i}__" for i in range(size)]
+            rids = [f"__gpuorch_warm_{size}_{i}__" for i in range(size)]  # not transformers' own warm-up ids
             with self._lock:
                 self._warming.update(rids)
             for i, rid in enumerate(rids):
