@@ -208,9 +208,10 @@ class EmbedHandler(Handler):
         with torch.inference_mode():
             for batch in token_batches(order, lengths, self.max_batch_tokens):
                 parts.append(self._forward([ids[k] for k in batch]))
-            # One copy to the host for the whole batch (each forward's .cpu() would wait for the GPU, and
-            # the CPU could not pad the next forward meanwhile); then back into the texts' order.
-            vectors = torch.cat(parts).float().cpu().numpy()
+            # One copy to the host for the whole batch (a copy per forward would wait for the GPU each time,
+            # and the CPU could not pad the next forward meanwhile), on a pooled transfer stream on CUDA
+            # (worker/transfers.py); then back into the texts' order.
+            vectors = self.ctx.to_host(torch.cat(parts).float())
         out = np.empty_like(vectors)
         out[np.asarray(order)] = vectors
         return out
