@@ -27,6 +27,7 @@ from . import security
 from .client_ops import RECV_BATCH, ClientOps, RateLimitedLog
 from .config import ServerConfig, validate
 from .eventloop import EventLoop
+from .http.supervise import Gateway  # [http gateway hook] no web framework: that lives in the gateway process
 from .jobs import Job
 from .metrics import make_metrics
 from .placement import available_cores, split_cores
@@ -87,6 +88,7 @@ class Coordinator(ClientOps):
         self.zctx = self.auth = self.csock = self.wsock = self.loop = self.sup = None
         self.monitor: security.HandshakeMonitor | None = None
         self.worker_endpoint: str | None = None
+        self.gateway = Gateway(cfg) if cfg.http.port is not None else None  # [http gateway hook]
 
     # ------------------------------------------------------------------ start
 
@@ -109,6 +111,9 @@ class Coordinator(ClientOps):
         self._install_signals()
         self._start_slots()
         self.metrics.start(self)
+        if self.gateway is not None:  # [http gateway hook] a ZMQ client of ours, in its own process
+            self.gateway.start(self.loop, self.endpoint, {p.name: p.cfg.handler for p in self.pools.values()},
+                               self.metrics.url)
         return self.endpoint
 
     def _bind_client(self) -> zmq.Socket:
@@ -191,9 +196,13 @@ class Coordinator(ClientOps):
         if self.state == CS.STOPPING and all(s.state == WS.STOPPED for s in slots):
             move(self, CS.STOPPED, COORDINATOR_TRANSITIONS)
         self.metrics.tick(self, now)
+        if self.gateway is not None:  # [http gateway hook] restart it if it died (not while stopping)
+            self.gateway.tick(now, stopping=self.state in (CS.STOPPING, CS.STOPPED))
 
     def shutdown(self) -> None:
         """Kill anything still running, close sockets, remove the run directory. Idempotent."""
+        if self.gateway is not None:  # [http gateway hook] first, while it can still reach us
+            self.gateway.stop(self.stop_reason or "coordinator shutdown")
         for pool in self.pools.values():
             for slot in pool.slots.values():
                 for p in slot.procs:
