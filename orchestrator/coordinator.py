@@ -267,7 +267,7 @@ class Coordinator(ClientOps):
             del self.per_client[job.client]
         self._reply(job.client, reply)
         pool = self.pools[job.pool]
-        pool.record_done(state == JS.DONE)
+        pool.record_done(state == JS.DONE, cancelled=state == JS.CANCELLED)  # [i17] status counts cancels
         self.metrics.job_finished(job, state, reply)
 
     def _abort(self, job: Job, state: JS, code: str, message: str) -> None:

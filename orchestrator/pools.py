@@ -27,6 +27,7 @@ class Pool:
         self.queue: deque = deque()
         self.completed = 0
         self.failed = 0
+        self.cancelled = 0  # ended by their client's cancel (also counted in `failed`)
         self._done_times: deque = deque()  # completion times within the throughput window
         self._rr = 0
 
@@ -90,12 +91,13 @@ class Pool:
 
     # ------------------------------------------------------------------ accounting
 
-    def record_done(self, ok: bool) -> None:
+    def record_done(self, ok: bool, cancelled: bool = False) -> None:
         now = time.monotonic()
         if ok:
             self.completed += 1
         else:
             self.failed += 1
+            self.cancelled += cancelled
         self._done_times.append(now)
         while self._done_times and self._done_times[0] < now - THROUGHPUT_WINDOW:
             self._done_times.popleft()

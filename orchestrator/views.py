@@ -73,6 +73,7 @@ def pool_view(pool, now: float) -> dict:
         "inflight": inflight,
         "completed": pool.completed,
         "failed": pool.failed,
+        "cancelled": pool.cancelled,
         "throughput_1m": round(pool.throughput(), 3),
         "workers": [slot_view(s, now) for s in slots],
     }

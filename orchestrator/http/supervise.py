@@ -84,9 +84,12 @@ class Gateway:
         env = dict(os.environ)
         env["PYTHONPATH"] = os.pathsep.join(filter(None, [_SOURCE_ROOT, env.get("PYTHONPATH")]))
         env["PYTHONUNBUFFERED"] = "1"
-        # Its output goes straight to serve's stdout/stderr, in the same log format as ours.
+        # Its output goes straight to serve's stdout/stderr, in the same log format as ours. A session of
+        # its own keeps a terminal's Ctrl-C (sent to the whole foreground group) from stopping it while
+        # the coordinator drains: uvicorn would obey it; the coordinator decides when it stops.
         self._popen = subprocess.Popen([sys.executable, "-m", "orchestrator.http", "--spec", json.dumps(self._spec)],
-                                       env=env, stdin=subprocess.DEVNULL, pass_fds=(self._sock.fileno(),))
+                                       env=env, stdin=subprocess.DEVNULL, pass_fds=(self._sock.fileno(),),
+                                       start_new_session=True)
         self._started_at = time.monotonic()
         self.state = GatewayState.RUNNING
         try:
