@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import json
-import re
+import os
 import shutil
 import signal
 import subprocess
@@ -261,3 +261,192 @@ def _try_models(sdk):
         return sorted(m.id for m in sdk.models.list())
     except openai.APIConnectionError:
         return None
+
+
+# ---------------------------------------------------------------------------- edge: keys, overload, stop
+
+
+@pytest.fixture(scope="module")
+def edge(tmp_path_factory):
+    d = tmp_path_factory.mktemp("http_edge")
+    llama = make_tiny_llama(d / "llama")
+    conf = json.loads((d / "llama" / "config.json").read_text())
+    conf["max_position_embeddings"] = 8192  # RoPE needs no retraining: a long context for long jobs
+    (d / "llama" / "config.json").write_text(json.dumps(conf))
+    (d / "keys").write_text(f"\n{KEY}\n")
+    cfg = d / "serve.toml"
+    cfg.write_text(
+        f'[pools.gen]\nhandler = "generate"\ndevices = "cpu:1"\ncapacity = 1\nqueue_size = 1\n'
+        f'config = {{ model = "{llama}", max_new_tokens_cap = {LONG} }}\n'
+        f'[pools.broken]\nhandler = "generate"\ndevices = "cpu:1"\nmax_restarts = 0\n'
+        f'config = {{ model = "{d / "no-such-model"}" }}\n'
+        f'[http]\nport = 0\napi_key_file = "{d / "keys"}"\njob_timeout = 5.0\n')
+    server = Server(d, ["--config", str(cfg)]).start(ready=False, timeout=WAIT)
+    wait_ready(server.address, pools=["gen"], timeout=WAIT)
+    server.url = _http_url(server)
+    poll_until(lambda: server.workers("broken")[0]["state"] == "failed", WAIT, what="the broken pool to fail")
+    yield server
+    server.close()
+
+
+def _auth(key: str = KEY) -> dict:
+    return {"authorization": f"Bearer {key}"}
+
+
+def _idle(server: Server) -> bool:
+    return server.status()["jobs_unfinished"] == 0 and server.status()["pools"]["gen"]["inflight"] == 0
+
+
+class _Stream:
+    """A streamed completion held open while the test does other things; leaving the block disconnects."""
+
+    def __init__(self, url: str, body: dict):
+        self.url, self.body = url, body
+
+    async def __aenter__(self):
+        self.http = httpx.AsyncClient(timeout=WAIT)
+        self.ctx = self.http.stream("POST", self.url + "/v1/completions", json=self.body, headers=_auth())
+        self.response = await self.ctx.__aenter__()
+        self.lines = self.response.aiter_lines()
+        return self
+
+    async def next_event(self) -> str:
+        async for line in self.lines:
+            if line.startswith("data: "):
+                return line[len("data: "):]
+        return ""
+
+    async def __aexit__(self, *exc):
+        await self.ctx.__aexit__(None, None, None)  # closes the connection: a disconnect
+        await self.http.aclose()
+
+
+def test_api_key_is_enforced(edge):
+    assert httpx.get(edge.url + "/v1/models", timeout=WAIT).status_code == 401
+    r = httpx.get(edge.url + "/v1/models", headers=_auth("wrong"), timeout=WAIT)
+    assert r.status_code == 401 and r.json()["error"]["type"] == "authentication_error"
+    with pytest.raises(openai.AuthenticationError):
+        openai.OpenAI(base_url=edge.url + "/v1", api_key="wrong", max_retries=0).models.list()
+    client = openai.OpenAI(base_url=edge.url + "/v1", api_key=KEY, max_retries=0)
+    assert sorted(m.id for m in client.models.list()) == ["broken", "gen"]
+    assert client.completions.create(model="gen", prompt="hi", max_tokens=2).usage.completion_tokens == 2
+
+
+def test_health_is_503_while_a_pool_is_not_ready_and_unavailable_is_503(edge):
+    r = httpx.get(edge.url + "/health", timeout=WAIT)  # open to probes: no key needed
+    assert r.status_code == 503
+    assert r.json()["pools"]["broken"]["status"] == "unavailable" and r.json()["pools"]["gen"]["status"] == "ready"
+    r = httpx.post(edge.url + "/v1/completions", json={"model": "broken", "prompt": "x"}, headers=_auth(),
+                   timeout=WAIT)
+    assert r.status_code == 503 and r.json()["error"]["code"] == "unavailable"
+
+
+def test_disconnect_cancels_the_job(edge):
+    poll_until(lambda: _idle(edge), WAIT, what="gen to be idle")
+    before = edge.status()["pools"]["gen"]["cancelled"]
+    metric_before = _metric(edge.url, "orchestrator_jobs_total", pool="gen", outcome="cancelled")
+
+    async def main():
+        async with _Stream(edge.url, {"model": "gen", "prompt": "go on", "max_tokens": LONG, "stream": True}) as s:
+            assert s.response.status_code == 200
+            first = json.loads(await s.next_event())
+            assert first["choices"][0]["finish_reason"] is None
+        # leaving the block closed the connection mid-stream
+    asyncio.run(main())
+    poll_until(lambda: edge.status()["pools"]["gen"]["cancelled"] == before + 1, WAIT,
+               what="the job to end cancelled in status")
+    assert _metric(edge.url, "orchestrator_jobs_total", pool="gen", outcome="cancelled") == metric_before + 1
+    poll_until(lambda: _idle(edge), WAIT, what="gen to be idle again")
+
+
+def test_full_queue_is_429(edge):
+    """Capacity 1 and a queue of 1: one long job runs, one waits, the third is `overloaded`."""
+    poll_until(lambda: _idle(edge), WAIT, what="gen to be idle")
+    long = {"model": "gen", "prompt": "go on", "max_tokens": LONG, "stream": True}
+
+    async def main():
+        async with _Stream(edge.url, long) as running, httpx.AsyncClient(timeout=WAIT) as http, \
+                openai.AsyncOpenAI(base_url=edge.url + "/v1", api_key=KEY, max_retries=0) as client:
+            await running.next_event()  # it runs
+            queued = asyncio.ensure_future(http.post(edge.url + "/v1/completions", json={**long, "stream": False},
+                                                     headers=_auth()))
+            await asyncio.to_thread(poll_until, lambda: edge.status()["pools"]["gen"]["queue_depth"] == 1,
+                                    WAIT, 0.02, "the second job to queue")
+            try:
+                await client.completions.create(model="gen", prompt="x", max_tokens=2)
+                third = None
+            except openai.RateLimitError as e:
+                third = e
+            still_running = edge.status()["pools"]["gen"]["inflight"] == 1
+            queued.cancel()  # its job stays queued, then runs into the 5 s job timeout
+            return third, still_running
+
+    third, still_running = asyncio.run(main())
+    assert still_running, "the long job ended before the third request: the check proved nothing"
+    assert third is not None and third.status_code == 429 and third.code == "overloaded"
+    poll_until(lambda: _idle(edge), WAIT, what="gen to be idle again")
+
+
+def test_job_timeout_is_504(edge):
+    poll_until(lambda: _idle(edge), WAIT, what="gen to be idle")
+    r = httpx.post(edge.url + "/v1/completions", json={"model": "gen", "prompt": "go on", "max_tokens": LONG},
+                   headers=_auth(), timeout=WAIT)
+    assert r.status_code == 504 and r.json()["error"]["code"] == "timeout"
+
+
+def test_draining_is_503_then_the_gateway_stops_with_serve(edge):
+    """Runs last: SIGTERM drains; new requests get 503 `shutting_down`; serve exits 0 with its gateway."""
+    poll_until(lambda: _idle(edge), WAIT, what="gen to be idle")
+    gateway = _gateway_pids(edge)
+    assert len(gateway) == 1
+
+    async def main():
+        async with _Stream(edge.url, {"model": "gen", "prompt": "go on", "max_tokens": LONG, "stream": True}) as s:
+            await s.next_event()
+            edge.proc.send_signal(signal.SIGTERM)
+            await asyncio.to_thread(poll_until, lambda: edge.status()["state"] != "running", WAIT, 0.02,
+                                    "the coordinator to drain")
+            async with httpx.AsyncClient(timeout=WAIT) as http:
+                return await http.post(edge.url + "/v1/completions", json={"model": "gen", "prompt": "x"},
+                                       headers=_auth())
+    r = asyncio.run(main())  # leaving it disconnected the long stream: its job is cancelled, the drain ends
+    assert r.status_code == 503 and r.json()["error"]["code"] == "shutting_down"
+    assert edge.proc.wait(WAIT) == 0
+    assert not psutil.pid_exists(gateway[0])
+    assert "http gateway: stopping pid" in edge.log()
+
+
+# ---------------------------------------------------------------------------- config and orphans
+
+
+def _serve_once(args: list) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "orchestrator", "serve", "--address", "tcp://127.0.0.1:0",
+                           "--handler", "echo", "--devices", "cpu:1", *args], capture_output=True, text=True,
+                          timeout=WAIT, cwd=REPO, env={**os.environ, "PYTHONPATH": REPO})
+
+
+def test_non_loopback_http_needs_a_key_or_insecure(tmp_path):
+    out = _serve_once(["--http-port", "0", "--http-host", "0.0.0.0"])
+    assert out.returncode == 2 and "--api-key-file" in out.stderr and len(out.stderr.strip().splitlines()) == 1
+    empty = tmp_path / "empty"
+    empty.write_text("\n")
+    out = _serve_once(["--http-port", "0", "--api-key-file", str(empty)])
+    assert out.returncode == 2 and "holds no key" in out.stderr
+    out = _serve_once(["--http-port", "0", "--api-key-file", str(tmp_path / "missing")])
+    assert out.returncode == 2 and "api_key_file" in out.stderr
+    out = _serve_once(["--http-port", "70000"])
+    assert out.returncode == 2 and "port" in out.stderr
+
+
+def test_gateway_dies_with_a_killed_coordinator(tmp_path):
+    server = Server(tmp_path, ["--handler", "echo", "--devices", "cpu:1", "--http-port", "0"]).start(timeout=WAIT)
+    try:
+        url = _http_url(server)
+        assert httpx.get(url + "/v1/models", timeout=WAIT).json()["data"] == []  # echo is no OpenAI model
+        gateway = poll_until(lambda: _gateway_pids(server), WAIT, what="the gateway")
+        server.proc.kill()
+        server.proc.wait(WAIT)
+        poll_until(lambda: not psutil.pid_exists(gateway[0]) or psutil.Process(gateway[0]).status()
+                   == psutil.STATUS_ZOMBIE, WAIT, what="the orphaned gateway to die")
+    finally:
+        server.close()
