@@ -11,6 +11,7 @@ import json
 import os
 import shutil
 import signal
+import socket
 import subprocess
 import sys
 
@@ -436,6 +437,11 @@ def test_non_loopback_http_needs_a_key_or_insecure(tmp_path):
     assert out.returncode == 2 and "api_key_file" in out.stderr
     out = _serve_once(["--http-port", "70000"])
     assert out.returncode == 2 and "port" in out.stderr
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen(1)
+        out = _serve_once(["--http-port", str(taken.getsockname()[1])])
+    assert out.returncode == 2 and "cannot bind HTTP" in out.stderr
 
 
 def test_gateway_dies_with_a_killed_coordinator(tmp_path):
@@ -450,3 +456,11 @@ def test_gateway_dies_with_a_killed_coordinator(tmp_path):
                    == psutil.STATUS_ZOMBIE, WAIT, what="the orphaned gateway to die")
     finally:
         server.close()
+
+
+def test_the_coordinator_imports_no_web_framework():
+    code = ("import sys, orchestrator.cli, orchestrator.coordinator\n"
+            "print(sorted(m for m in ('starlette', 'uvicorn', 'httpx', 'torch') if m in sys.modules))")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=REPO, timeout=WAIT)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.strip() == "[]"
