@@ -53,9 +53,11 @@ class AsyncJob:
         return f.result().meta if f.done() and isinstance(f.result(), Result) else None
 
     async def __aiter__(self) -> AsyncIterator[Any]:
-        """Stream chunks (submit with stream=True); ends after the final reply, raising on an error."""
+        """Stream chunks (submit with stream=True); ends after the final reply, raising on an error. A job
+        submitted without stream yields no chunks."""
         if self._chunks is None:
-            raise RuntimeError("job was submitted without stream=True")
+            await self.result()
+            return
         while True:
             item = await self._chunks.get()
             if item is _DONE:
@@ -167,6 +169,7 @@ class AsyncClient:
         for future, chunks in self._pending.values():
             if not future.done():
                 future.set_exception(RuntimeError("client is closed"))
+                future.exception()  # marks it retrieved: no "never retrieved" warning if nobody awaits it
             if chunks is not None:
                 chunks.put_nowait(_DONE)
         self._pending.clear()

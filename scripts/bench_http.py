@@ -189,11 +189,15 @@ def make_model(directory: str) -> str:
     return make_tiny_llama(Path(directory) / "llama")
 
 
-def one_round(args, url: str, bare: Bare, client: Client, conn) -> dict:
+def one_round(args, url: str, bare: Bare, client: Client) -> dict:
     r = {}
+    # A fresh connection each round: uvicorn closes a keep-alive connection left idle for 5 s.
+    host, port = url.removeprefix("http://").split(":")
+    conn = http.client.HTTPConnection(host, int(port))
     for pool in ("gen", "instant"):
         r[f"http_lat_{pool}"], r[f"zmq_lat_{pool}"] = interleaved(
             lambda k: http_latency(conn, pool, k), lambda k: zmq_latency(client, pool, k), args.n_latency)
+    conn.close()
     n, secs = args.connections, args.seconds
     # Alternate the bare endpoint and the gateway in short blocks: the load on a shared machine moves
     # within seconds, and each ratio must compare the two under the same load.
@@ -278,8 +282,8 @@ def main(argv=None) -> int:
                 conn = http.client.HTTPConnection(host, int(port))
                 for pool in ("gen", "instant"):  # warm-up
                     interleaved(lambda k: http_latency(conn, pool, k), lambda k: zmq_latency(client, pool, k), 100)
-                rounds = [one_round(args, url, bare, client, conn) for _ in range(args.repeat)]
                 conn.close()
+                rounds = [one_round(args, url, bare, client) for _ in range(args.repeat)]
         finally:
             serve.close()
     s = summarize(rounds)

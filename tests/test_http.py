@@ -449,6 +449,8 @@ def test_gateway_dies_with_a_killed_coordinator(tmp_path):
     try:
         url = _http_url(server)
         assert httpx.get(url + "/v1/models", timeout=WAIT).json()["data"] == []  # echo is no OpenAI model
+        r = httpx.post(url + "/v1/completions", json={"model": "echo", "prompt": "x"}, timeout=WAIT)
+        assert r.status_code == 500 and r.json()["error"]["code"] == "handler_error"  # not generate's schema
         gateway = poll_until(lambda: _gateway_pids(server), WAIT, what="the gateway")
         server.proc.kill()
         server.proc.wait(WAIT)

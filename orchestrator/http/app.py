@@ -53,7 +53,7 @@ class Gateway:
                   Route("/v1/embeddings", self.embeddings, methods=["POST"]),
                   Route("/health", self.health), Route("/metrics", self.metrics)]
         app = Starlette(routes=routes, lifespan=self.lifespan, exception_handlers={ApiError: _api_error, RequestError: _request_error,
-                                            404: _not_found, 405: _not_allowed})
+                                            404: _not_found, 405: _not_allowed, 500: _internal})
         app.add_middleware(_Auth, gateway=self)
         return app
 
@@ -131,7 +131,7 @@ class Gateway:
                 for inp in req.inputs]
         try:
             if not req.stream:
-                outputs = [await job.result() for job in jobs]
+                outputs = [_generated(req.model, await job.result()) for job in jobs]
                 return JSONResponse(fmt.generation_response(req, outputs))
             streams = [job.__aiter__() for job in jobs]
             first = await _first(streams[0])  # before 200: an early error keeps its status
@@ -155,17 +155,25 @@ class Gateway:
                 async for chunk in _chain(pending, stream):  # an ended stream yields nothing more
                     if chunk.get("text"):
                         yield sse_event(fmt.stream_chunk(req, i, chunk["text"]))
-                out = await job.result()
+                out = _generated(req.model, await job.result())
                 outputs.append(out)
                 yield sse_event(fmt.stream_chunk(req, i, None if req.chat else "", out["finish_reason"]))
             if req.include_usage:
                 yield sse_event(fmt.usage_chunk(req, outputs))
-        except RequestError as e:  # after the 200: the error travels as an event, as OpenAI's does
+        except (RequestError, ApiError) as e:  # after the 200: the error travels as an event, as OpenAI's does
             yield sse_event(fmt.error_body(e.code, e.message))
         yield b"data: [DONE]\n\n"
 
 
 _END = object()  # a stream that ended before its first chunk
+
+
+def _generated(model: str, out) -> dict:
+    """A generate-schema result, or a 500 naming the pool (a custom handler may answer anything)."""
+    if not (isinstance(out, dict) and isinstance(out.get("text"), str) and "finish_reason" in out):
+        raise ApiError(E.HANDLER_ERROR, f"pool {model!r} did not answer in the generate handler's output "
+                                        f"schema (text, token_ids, finish_reason, usage)")
+    return out
 
 
 async def _first(stream):
@@ -205,6 +213,11 @@ async def _not_found(request, exc) -> JSONResponse:
     return JSONResponse(fmt.error_body("not_found", f"no route {request.url.path}"), 404)
 
 
+async def _internal(request, exc) -> JSONResponse:
+    log.error("%s %s failed: %r", request.method, request.url.path, exc)
+    return JSONResponse(fmt.error_body(E.INTERNAL, f"the gateway failed: {type(exc).__name__}"), 500)
+
+
 async def _not_allowed(request, exc) -> JSONResponse:
     return JSONResponse(fmt.error_body("method_not_allowed", f"{request.method} is not allowed here"), 405)
 
@@ -216,7 +229,7 @@ class _Auth:
         self.app, self.gateway = app, gateway
 
     async def __call__(self, scope, receive, send):
-        if scope["type"] == "http" and scope["path"] not in OPEN_PATHS:
+        if scope["type"] == "http" and self.gateway.api_keys is not None and scope["path"] not in OPEN_PATHS:
             headers = {k.decode("latin-1"): v.decode("latin-1") for k, v in scope["headers"]}
             if not self.gateway.authorized(headers):
                 response = _error(fmt.UNAUTHORIZED, "missing or wrong API key: send `Authorization: Bearer KEY`")

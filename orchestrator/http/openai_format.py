@@ -136,8 +136,8 @@ def parse_chat(body) -> GenRequest:
 
 
 def _usage(outputs: list) -> dict:
-    prompt = sum(o.get("usage", {}).get("prompt_tokens", 0) for o in outputs)
-    completion = sum(o.get("usage", {}).get("completion_tokens", 0) for o in outputs)
+    prompt = sum((o.get("usage") or {}).get("prompt_tokens", 0) for o in outputs)
+    completion = sum((o.get("usage") or {}).get("completion_tokens", 0) for o in outputs)
     return {"prompt_tokens": prompt, "completion_tokens": completion, "total_tokens": prompt + completion}
 
 
@@ -145,11 +145,11 @@ def generation_response(req: GenRequest, outputs: list) -> dict:
     """The whole (non-streamed) response. Each choice also carries the job's `token_ids`."""
     if req.chat:
         choices = [{"index": i, "message": {"role": "assistant", "content": o["text"]},
-                    "finish_reason": o["finish_reason"], "logprobs": None, "token_ids": o["token_ids"]}
+                    "finish_reason": o["finish_reason"], "logprobs": None, "token_ids": o.get("token_ids")}
                    for i, o in enumerate(outputs)]
     else:
         choices = [{"index": i, "text": o["text"], "finish_reason": o["finish_reason"], "logprobs": None,
-                    "token_ids": o["token_ids"]} for i, o in enumerate(outputs)]
+                    "token_ids": o.get("token_ids")} for i, o in enumerate(outputs)]
     return {"id": req.id, "object": "chat.completion" if req.chat else "text_completion",
             "created": req.created, "model": req.model, "choices": choices, "usage": _usage(outputs)}
 

@@ -34,11 +34,16 @@ _SOURCE_ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(_
 
 
 class GatewayState(enum.Enum):
-    """STOPPED -> RUNNING -> EXITED -> RUNNING ... ; any -> STOPPED on stop()."""
+    """STOPPED -> RUNNING -> EXITED -> RUNNING ... ; RUNNING or EXITED -> STOPPED on stop()."""
 
     STOPPED = "stopped"
     RUNNING = "running"
     EXITED = "exited"
+
+
+_TRANSITIONS = {GatewayState.STOPPED: {GatewayState.RUNNING},
+                GatewayState.RUNNING: {GatewayState.EXITED, GatewayState.STOPPED},
+                GatewayState.EXITED: {GatewayState.RUNNING, GatewayState.STOPPED}}
 
 
 class Gateway:
@@ -58,9 +63,10 @@ class Gateway:
         self._backoff = RESTART_FIRST
         self._restart_at: float | None = None
 
-    @property
-    def pid(self) -> int | None:
-        return self._popen.pid if self._popen is not None and self.state == GatewayState.RUNNING else None
+    def _set(self, new: GatewayState) -> None:
+        if new != self.state and new not in _TRANSITIONS[self.state]:
+            raise RuntimeError(f"http gateway: invalid transition {self.state.value} -> {new.value}")
+        self.state = new
 
     def start(self, loop, endpoint: str, pools: dict, metrics_url: str | None) -> str:
         """Bind the HTTP socket and spawn the gateway. `pools` maps pool name -> handler name.
@@ -91,7 +97,7 @@ class Gateway:
                                        env=env, stdin=subprocess.DEVNULL, pass_fds=(self._sock.fileno(),),
                                        start_new_session=True)
         self._started_at = time.monotonic()
-        self.state = GatewayState.RUNNING
+        self._set(GatewayState.RUNNING)
         try:
             self._pidfd = os.pidfd_open(self._popen.pid)
             self._loop.add(self._pidfd, self._on_exit)
@@ -108,7 +114,7 @@ class Gateway:
         log.warning("http gateway: pid %d %s; restarting in %.1f s", self._popen.pid, exit_words(code),
                     self._backoff)
         self._backoff = min(self._backoff * 2, RESTART_MAX)
-        self.state = GatewayState.EXITED
+        self._set(GatewayState.EXITED)
 
     def _reap(self) -> int:
         code = self._popen.wait()
@@ -140,7 +146,7 @@ class Gateway:
                 self._popen.kill()
                 self._popen.wait(budget)
             self._reap()
-        self.state = GatewayState.STOPPED
+        self._set(GatewayState.STOPPED)
         if self._sock is not None:
             self._sock.close()
             self._sock = None
