@@ -65,7 +65,9 @@ def _bare_server(conn) -> None:
         return JSONResponse({"id": "x", "object": "text_completion", "choices": [{"text": "ok"}]})
 
     app = Starlette(routes=[Route("/v1/completions", handler, methods=["POST"])])
-    sock = socket.socket()
+    # IPPROTO_TCP, not the default 0: asyncio sets TCP_NODELAY only on sockets whose proto says TCP, and
+    # without it uvicorn's two writes per response (head, body) meet delayed ACKs: 40 ms a request.
+    sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM, socket.IPPROTO_TCP)
     sock.bind(("127.0.0.1", 0))
     sock.listen(2048)
     conn.send(sock.getsockname()[1])

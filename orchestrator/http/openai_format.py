@@ -75,8 +75,9 @@ def _model(body) -> str:
 def _options(body: dict, chat: bool) -> dict:
     """Sampling and stopping options for the generate handler (only those the client gave)."""
     for key, allowed in _OFF.items():
-        _need(body.get(key) in allowed, f"'{key}' = {body.get(key)!r} is not supported (only "
-                                        f"{' or '.join(map(repr, allowed[1:])) or 'unset'})", key)
+        if body.get(key) not in allowed:  # (the message is built only on failure: this runs per request)
+            raise ApiError(E.BAD_REQUEST, f"'{key}' = {body.get(key)!r} is not supported (only "
+                                          f"{' or '.join(map(repr, allowed[1:])) or 'unset'})", key)
     out = {k: body[k] for k in ("temperature", "top_p", "seed", "stop") if body.get(k) is not None}
     max_tokens = body.get("max_completion_tokens") if chat else None
     max_tokens = body.get("max_tokens") if max_tokens is None else max_tokens
