@@ -3,7 +3,8 @@
 Hot path (scripts/bench_dispatch.py; it used to reach half the sync client's pipelined jobs/s):
 - a plain (sync) zmq socket whose FD is watched with `loop.add_reader`, not zmq.asyncio: zmq.asyncio
   wraps every send and recv in a Future and a loop round, and its reader task woke once per reply;
-- sends go out at once with NOBLOCK (SNDHWM is 0, so they never block), without an await;
+- sends are queued and go out together at the end of the loop turn (one `call_soon`), with NOBLOCK
+  (SNDHWM is 0, so they never block): back-to-back sends wake libzmq's I/O thread once, not each;
 - each wake-up drains every reply already queued (up to RECV_BATCH) and resolves their futures;
 - a job's chunk queue exists only for streamed jobs, and `result()` on a finished job returns at once.
 The ZMQ FD is edge-triggered and a send can consume its edge, so after sends the socket's EVENTS are
@@ -120,6 +121,7 @@ class AsyncClient:
         # rid -> [future, chunk queue or None]
         self._pending: dict[int, tuple[asyncio.Future, asyncio.Queue | None]] = {}
         self._drain_scheduled = False
+        self._outbox: list = []  # encoded requests, sent by _flush at the end of this loop turn
         self._closed = False
         self._fd = self._sock.getsockopt(zmq.FD)
         self._loop.add_reader(self._fd, self._drain)
@@ -185,11 +187,20 @@ class AsyncClient:
     def _send(self, msg) -> None:
         if self._closed:
             raise RuntimeError("client is closed")
-        self._sock.send(self._codec.encode(msg), zmq.NOBLOCK)
-        # A send can swallow the FD's edge for replies already queued: look, and drain soon if so.
+        if not self._outbox:
+            self._loop.call_soon(self._flush)
+        self._outbox.append(self._codec.encode(msg))
+
+    def _flush(self) -> None:
+        outbox, self._outbox = self._outbox, []
+        if self._closed:
+            return
+        send, noblock = self._sock.send, zmq.NOBLOCK
+        for frame in outbox:
+            send(frame, noblock)
+        # A send can swallow the FD's edge for replies already queued: look, and drain now if so.
         if not self._drain_scheduled and self._sock.getsockopt(zmq.EVENTS) & zmq.POLLIN:
-            self._drain_scheduled = True
-            self._loop.call_soon(self._drain)
+            self._drain()
 
     async def _request(self, make) -> Any:
         rid = next(self._ids)

@@ -111,8 +111,17 @@ async def _one_connection(host: str, port: int, request: bytes, deadline: float,
         writer.close()
 
 
-def requests_per_s(url: str, path: str, body: bytes | None, connections: int, seconds: float) -> float:
-    """Requests/s over `seconds` with `connections` keep-alive connections; every answer must be 200."""
+def cpu_s(pids: list) -> float:
+    """User + system CPU seconds used so far by these processes."""
+    import psutil
+
+    return sum(sum(psutil.Process(p).cpu_times()[:2]) for p in pids)
+
+
+def requests_per_s(url: str, path: str, body: bytes | None, connections: int, seconds: float,
+                   cpu: list | None = None) -> float:
+    """Requests/s over `seconds` with `connections` keep-alive connections; every answer must be 200.
+    With `cpu` = [pids, totals]: adds each process's CPU seconds and the request count to `totals`."""
     host, port = url.removeprefix("http://").split(":")
     method = b"POST" if body is not None else b"GET"
     head = (method + b" " + path.encode() + b" HTTP/1.1\r\nhost: " + host.encode()
@@ -126,11 +135,17 @@ def requests_per_s(url: str, path: str, body: bytes | None, connections: int, se
                                for _ in range(connections)))
         return counts
 
+    before = [cpu_s([p]) for p in cpu[0]] if cpu else []
     t0 = time.perf_counter()
     ok, bad = asyncio.run(run())
+    elapsed = time.perf_counter() - t0
+    if cpu:
+        for i, p in enumerate(cpu[0]):
+            cpu[1][i] += cpu_s([p]) - before[i]
+        cpu[1][-1] += ok
     if bad:
         raise AssertionError(f"{bad} non-200 answers from {url}{path}")
-    return ok / (time.perf_counter() - t0)
+    return ok / elapsed
 
 
 # ------------------------------------------------------------------------------------------ latency
@@ -184,6 +199,19 @@ def interleaved(a, b, n: int, block: int = 50) -> tuple[list, list]:
 # ------------------------------------------------------------------------------------------ the run
 
 
+def serve_processes(serve: Serve) -> dict:
+    """pids of the gateway, the coordinator and the `instant` pool's worker."""
+    import psutil
+
+    coordinator = psutil.Process(serve.pid())
+    kids = coordinator.children()
+    pick = {"gateway": "orchestrator.http", "worker": "instant/0"}
+    out = {"coordinator": coordinator.pid}
+    for name, mark in pick.items():
+        out[name] = next(p.pid for p in kids if mark in " ".join(p.cmdline()))
+    return out
+
+
 def make_model(directory: str) -> str:
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     from worker.models import make_tiny_llama
@@ -191,7 +219,7 @@ def make_model(directory: str) -> str:
     return make_tiny_llama(Path(directory) / "llama")
 
 
-def one_round(args, url: str, bare: Bare, client: Client) -> dict:
+def one_round(args, url: str, bare: Bare, client: Client, procs: dict) -> dict:
     r = {}
     # A fresh connection each round: uvicorn closes a keep-alive connection left idle for 5 s.
     host, port = url.removeprefix("http://").split(":")
@@ -204,10 +232,18 @@ def one_round(args, url: str, bare: Bare, client: Client) -> dict:
     # Alternate the bare endpoint and the gateway in short blocks: the load on a shared machine moves
     # within seconds, and each ratio must compare the two under the same load.
     bare_rates, gateway_rates = [], []
+    bare_cpu = [[bare.proc.pid], [0.0, 0]]
+    path_cpu = [list(procs.values()), [0.0] * len(procs) + [0]]
     for _ in range(args.blocks):
-        bare_rates.append(requests_per_s(bare.url, "/v1/completions", body("instant"), n, secs / args.blocks))
-        gateway_rates.append(requests_per_s(url, "/v1/completions", body("instant"), n, secs / args.blocks))
+        bare_rates.append(requests_per_s(bare.url, "/v1/completions", body("instant"), n, secs / args.blocks,
+                                         bare_cpu))
+        gateway_rates.append(requests_per_s(url, "/v1/completions", body("instant"), n, secs / args.blocks,
+                                            path_cpu))
     r["bare_rps"], r["http_rps_instant"] = statistics.mean(bare_rates), statistics.mean(gateway_rates)
+    # CPU per request: a figure that the machine's other load moves far less than requests/s.
+    r["cpu_us_bare"] = bare_cpu[1][0] / bare_cpu[1][1] * 1e6
+    for i, name in enumerate(procs):
+        r[f"cpu_us_{name}"] = path_cpu[1][i] / path_cpu[1][-1] * 1e6
     r["http_rps_gen"] = requests_per_s(url, "/v1/completions", body("gen"), n, secs)
     r["zmq_rps_instant"] = zmq_rate(client, "instant", n, secs)
     r["zmq_rps_gen"] = zmq_rate(client, "gen", n, secs)
@@ -231,6 +267,8 @@ def summarize(rounds: list) -> dict:
         for way in ("http", "zmq"):
             s[f"{way}_rps_{pool}"] = med(r[f"{way}_rps_{pool}"] for r in rounds)
     s["bare_rps"] = med(r["bare_rps"] for r in rounds)
+    for k in [k for k in rounds[0] if k.startswith("cpu_us_")]:
+        s[k] = med(r[k] for r in rounds)
     s["rps_ratio"] = med(r["http_rps_instant"] / r["bare_rps"] for r in rounds)
     s["checks"] = {"added_p50_le_1ms": s["added_p50_ms_gen"] <= 1.0, "rps_ge_0.5x_bare": s["rps_ratio"] >= 0.5}
     return s
@@ -254,6 +292,9 @@ def report(s: dict, n: int) -> str:
         [f"gateway, instant completions, {n} conns", f"{s['http_rps_instant']:,.0f} req/s",
          f"{s['rps_ratio']:.2f} (>= 0.50 {verdict('rps_ge_0.5x_bare')})"],
         [f"ZMQ Client, instant, {n} in flight", f"{s['zmq_rps_instant']:,.0f} jobs/s", "(info)"],
+        ["CPU per request: bare endpoint", f"{s['cpu_us_bare']:.0f} us", "(info)"],
+        ["CPU per request: gateway / coordinator / worker",
+         f"{s['cpu_us_gateway']:.0f} / {s['cpu_us_coordinator']:.0f} / {s['cpu_us_worker']:.0f} us", "(info)"],
         [f"gateway, tiny Llama completions, {n} conns", f"{s['http_rps_gen']:,.0f} req/s", "(info)"],
         [f"ZMQ Client, tiny Llama, {n} in flight", f"{s['zmq_rps_gen']:,.0f} jobs/s", "(info)"],
     ]
@@ -285,7 +326,8 @@ def main(argv=None) -> int:
                 for pool in ("gen", "instant"):  # warm-up
                     interleaved(lambda k: http_latency(conn, pool, k), lambda k: zmq_latency(client, pool, k), 100)
                 conn.close()
-                rounds = [one_round(args, url, bare, client) for _ in range(args.repeat)]
+                procs = serve_processes(serve)
+                rounds = [one_round(args, url, bare, client, procs) for _ in range(args.repeat)]
         finally:
             serve.close()
     s = summarize(rounds)
