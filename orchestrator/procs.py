@@ -5,19 +5,17 @@ failure and restart: one process for tp=1, or a TP group of `tp` rank processes.
 """
 from __future__ import annotations
 
-import json
-import logging
+import dataclasses
 import os
-import signal
-import subprocess
-import sys
 import time
 from dataclasses import dataclass, field
 
+from protocol.workerspec import CONTROL, DATA, GUARD_TIMEOUT_S, WorkerSpec, routing_id
+from .jobtable import SlotLoad
+from .launcher import RankHandle, RankLaunch, SlotHandle, SlotLaunch
 from .placement import cuda_visible
 from .states import WORKER_TRANSITIONS, WorkerState, move
 
-log = logging.getLogger("orchestrator.procs")
 
 # Where the `worker` package lives, so workers import it even from an uninstalled checkout.
 _SOURCE_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -40,7 +38,7 @@ class SlotSpec:
     cpu_threads: int | None = None
     cpu_affinity: bool = True  # pin each rank to its cores; else they only size its thread pools
     env: dict = field(default_factory=dict)
-    guard_timeout: float = 5.0  # tp > 1 only
+    guard_timeout: float = GUARD_TIMEOUT_S  # tp > 1 only
 
     @property
     def wid(self) -> str:
@@ -48,27 +46,22 @@ class SlotSpec:
 
 
 class Proc:
-    """One live worker process (one rank of a slot)."""
+    """One rank of a running slot, as supervision sees it: its routing ids and what it last said.
+    How it runs (a local process, a remote actor) is its launcher's `RankHandle`."""
 
-    def __init__(self, rank: int, wid: str, incarnation: int, popen: subprocess.Popen):
+    def __init__(self, rank: int, wid: str, incarnation: int, handle: RankHandle):
         self.rank = rank
         self.wid = wid
         # ROUTER identities of its two sockets (set by the worker from the same wid and incarnation).
-        self.ctl_id = f"c:{wid}:{incarnation}".encode()
-        self.data_id = f"d:{wid}:{incarnation}".encode()
-        self.popen = popen
-        self.pid = popen.pid
-        self.pidfd = _pidfd(popen.pid)
+        self.ctl_id = routing_id(CONTROL, wid, incarnation)
+        self.data_id = routing_id(DATA, wid, incarnation)
+        self.handle = handle
         self.last_seen = time.monotonic()
         self.hello = False
         self.ready = False
         self.step_age: float | None = None  # as of step_age_at
         self.step_age_at = 0.0
         self.stats: dict | None = None
-        self.exit_reason: str | None = None
-        self.returncode: int | None = None
-        self.log_tail: list[str] = []  # last output lines, quoted when the process dies
-        self.partial: dict = {}  # stream -> unfinished last line
 
     def current_step_age(self, now: float) -> float | None:
         if self.step_age is None:
@@ -77,28 +70,7 @@ class Proc:
 
     @property
     def alive(self) -> bool:
-        return self.returncode is None
-
-    def kill(self, reason: str) -> None:
-        """SIGKILL (idempotent). The first reason given is the one reported."""
-        first = self.exit_reason is None
-        if first:
-            self.exit_reason = reason
-        if self.alive:
-            if first:
-                log.info("killing pid %s: %s", self.pid, reason, extra={"wid": self.wid})
-            try:
-                os.kill(self.pid, signal.SIGKILL)
-            except ProcessLookupError:
-                pass
-
-    def reap(self) -> int:
-        """Collect the exit status once the process is gone (its pidfd was readable)."""
-        if self.returncode is None:
-            self.returncode = self.popen.wait()
-            if self.pidfd is not None:
-                os.close(self.pidfd)
-        return self.returncode
+        return self.handle.alive
 
 
 class Slot:
@@ -112,19 +84,16 @@ class Slot:
         self.procs: list[Proc] = []
         self.capacity = 0
         self.replay_safe = True
-        self.inflight: dict = {}  # jid -> Job, including jobs already finalised (awaiting the worker)
-        self.restarts = 0
+        self.load = SlotLoad()  # the jobs it holds credits for (owned by the JobTable)
         self.consecutive_failures = 0
         self.last_exit_reason: str | None = None
         self.restart_at = 0.0
         self.ready_at: float | None = None
         self.state_since = time.monotonic()
-        self.completed = 0
-        self.failed = 0
         self.info: dict = {}
         self.group_info: dict | None = None  # TP rendezvous info from rank 0 (this incarnation)
         self.stop_reason: str | None = None  # set when we stop it on purpose
-        self.stop_deadline: float | None = None
+        self.handle: SlotHandle | None = None  # its launcher's handle for the current incarnation
 
     def set_state(self, new: WorkerState) -> None:
         if new != self.state:
@@ -133,46 +102,43 @@ class Slot:
 
     @property
     def credits(self) -> int:
-        return self.capacity - len(self.inflight)
+        return self.capacity - self.load.held
 
     @property
     def leader(self) -> Proc | None:
         return self.procs[0] if self.procs else None
 
+    @property
+    def stopping(self) -> bool:
+        """A staged stop of its current incarnation is under way (stop message sent)."""
+        return self.handle is not None and self.handle.stopping
 
 
-def _pidfd(pid: int) -> int | None:
-    """A pidfd becomes readable the instant the process exits: detection with no polling delay."""
-    try:
-        return os.pidfd_open(pid)
-    except (AttributeError, OSError):
-        return None
-
-
-def worker_spec(spec: SlotSpec, rank: int, incarnation: int, endpoint: str, cfg) -> dict:
-    """The JSON a worker process starts from (argv; data only, never code)."""
-    return {
-        "wid": spec.wid if rank == 0 else f"{spec.wid}#{rank}",
-        "slot": spec.wid,
-        "pool": spec.pool,
-        "handler": spec.handler,
-        "config": spec.config,
-        "devices": list(spec.devices),
-        "rank": rank,
-        "world_size": spec.tp,
-        "incarnation": incarnation,
-        "endpoint": endpoint,
-        "parent_pid": os.getpid(),
-        "cores": list(spec.cores[rank]) if spec.cores and spec.cpu_affinity else None,
-        "capacity": spec.capacity,
-        "hb_interval": cfg.hb_interval,
-        "coord_timeout": cfg.coord_timeout,
-        "log_level": cfg.log_level,
-        "guard_timeout": spec.guard_timeout,
+def worker_spec(spec: SlotSpec, rank: int, incarnation: int, endpoint: str, cfg) -> WorkerSpec:
+    """The spec a worker process starts from (argv; data only, never code)."""
+    return WorkerSpec(
+        wid=spec.wid if rank == 0 else f"{spec.wid}#{rank}",
+        slot=spec.wid,
+        pool=spec.pool,
+        handler=spec.handler,
+        config=spec.config,
+        devices=list(spec.devices),
+        rank=rank,
+        world_size=spec.tp,
+        incarnation=incarnation,
+        endpoint=endpoint,
+        parent_pid=os.getpid(),
+        cores=list(spec.cores[rank]) if spec.cores and spec.cpu_affinity else None,
+        capacity=spec.capacity,
+        hb_interval=cfg.hb_interval,
+        coord_timeout=cfg.coord_timeout,
+        log_level=cfg.log_level,
+        guard_timeout=spec.guard_timeout,
+        limits=dataclasses.asdict(cfg.limits),  # the worker decodes each job's input under these
         # CLOCK_MONOTONIC is one clock for the host: the worker measures its boot from here. (The process's
         # start time from /proc is anchored to a whole-second boot time, up to 1 s off.)
-        "spawned_at": time.monotonic(),
-    }
+        spawned_at=time.monotonic(),
+    )
 
 
 def worker_env(spec: SlotSpec, rank: int) -> dict:
@@ -195,31 +161,11 @@ def worker_env(spec: SlotSpec, rank: int) -> dict:
     return env
 
 
-def spawn(spec: SlotSpec, rank: int, incarnation: int, endpoint: str, cfg) -> Proc:
-    """Start one rank of a slot. Its stdout/stderr are pipes the event loop reads and prefixes."""
-    ws = worker_spec(spec, rank, incarnation, endpoint, cfg)
-    popen = subprocess.Popen(
-        [sys.executable, "-m", "worker", "--spec", json.dumps(ws)],
-        env=worker_env(spec, rank), stdin=subprocess.DEVNULL,
-        stdout=subprocess.PIPE, stderr=subprocess.PIPE, close_fds=True,
-    )
-    for pipe in (popen.stdout, popen.stderr):
-        os.set_blocking(pipe.fileno(), False)
-    return Proc(rank, ws["wid"], incarnation, popen)
-
-
-def exit_words(returncode: int | None) -> str:
-    """Turn an exit status into words for status and logs.
-
-    >>> exit_words(-9), exit_words(1), exit_words(0)
-    ('killed by signal 9 (SIGKILL)', 'exit code 1', 'exited normally')
-    """
-    if returncode is None:
-        return "still running"
-    if returncode < 0:
-        try:
-            name = signal.Signals(-returncode).name
-        except ValueError:
-            name = "?"
-        return f"killed by signal {-returncode} ({name})"
-    return "exited normally" if returncode == 0 else f"exit code {returncode}"
+def slot_launch(spec: SlotSpec, incarnation: int, endpoint: str, cfg) -> SlotLaunch:
+    """What a launcher starts for one incarnation of a slot: every rank's spec and environment."""
+    ranks = []
+    for rank in range(spec.tp):
+        ws = worker_spec(spec, rank, incarnation, endpoint, cfg)
+        ranks.append(RankLaunch(rank, ws.wid, ws, worker_env(spec, rank),
+                                tuple(spec.cores[rank]) if spec.cores else ()))
+    return SlotLaunch(spec.wid, spec.pool, incarnation, tuple(spec.devices), tuple(ranks))

@@ -22,7 +22,7 @@ import subprocess
 import sys
 import time
 
-from ..procs import exit_words
+from ..launcher import exit_words
 from .settings import is_loopback_host
 
 log = logging.getLogger("orchestrator.http")
