@@ -204,12 +204,10 @@ def serve_processes(serve: Serve) -> dict:
     import psutil
 
     coordinator = psutil.Process(serve.pid())
-    kids = coordinator.children()
-    pick = {"gateway": "orchestrator.http", "worker": "instant/0"}
-    out = {"coordinator": coordinator.pid}
-    for name, mark in pick.items():
-        out[name] = next(p.pid for p in kids if mark in " ".join(p.cmdline()))
-    return out
+    gateway = next(p.pid for p in coordinator.children() if "orchestrator.http" in " ".join(p.cmdline()))
+    with Client(serve.address) as c:
+        worker = c.status()["pools"]["instant"]["workers"][0]["pids"][0]
+    return {"gateway": gateway, "coordinator": coordinator.pid, "worker": worker}
 
 
 def make_model(directory: str) -> str:
