@@ -26,6 +26,7 @@ from .config import ServerConfig, validate
 from .dispatch import Dispatcher
 from .eventloop import EventLoop, Outbox, Signals, send_frames
 from .fleet import Fleet
+from .http.supervise import Gateway  # [http gateway hook] no web framework: that lives in the gateway process
 from .local_launcher import LocalLauncher
 from .metrics import make_metrics
 from .pools import Pool
@@ -71,6 +72,7 @@ class Coordinator:
         self.startup_failures: dict[str, str] = {}
         self.exit_code = 0
         self._next_reconcile = 0.0
+        self.gateway = Gateway(cfg) if cfg.http.port is not None else None  # [http gateway hook]
 
     # ------------------------------------------------------------------ start
 
@@ -90,6 +92,9 @@ class Coordinator:
         self.signals = Signals(self.loop, self._on_signal)
         self.fleet.start()
         self.metrics.start(self.snapshot)
+        if self.gateway is not None:  # [http gateway hook] a ZMQ client of ours, in its own process
+            self.gateway.start(self.loop, self.endpoint, {p.name: p.cfg.handler for p in self.pools.values()},
+                               self.metrics.url)
         return self.endpoint
 
     def _wire(self) -> None:
@@ -171,9 +176,13 @@ class Coordinator:
         if self.state == CS.STOPPING and self.fleet.stopped():
             move(self, CS.STOPPED, COORDINATOR_TRANSITIONS)
         self.metrics.tick(self.snapshot, now)
+        if self.gateway is not None:  # [http gateway hook] restart it if it died (not while stopping)
+            self.gateway.tick(now, stopping=self.state in (CS.STOPPING, CS.STOPPED))
 
     def shutdown(self) -> None:
         """Kill anything still running, close sockets, remove the run directory. Idempotent."""
+        if self.gateway is not None:  # [http gateway hook] first, while it can still reach us
+            self.gateway.stop(self.stop_reason or "coordinator shutdown")
         self.launcher.close(self.stop_reason or "coordinator shutdown")  # normally nothing is left
         self.metrics.stop()
         if self.monitor is not None:
