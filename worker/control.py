@@ -14,7 +14,7 @@ import time
 
 import zmq
 
-from protocol import Codec
+from protocol import Codec, curve
 from protocol.messages import WCancel, WGroupInfo, WHeartbeat, WHello, WPing, WStop
 
 log = logging.getLogger("worker.control")
@@ -71,6 +71,7 @@ class ControlThread(threading.Thread):
         sock = self.zctx.socket(zmq.DEALER)
         sock.setsockopt(zmq.LINGER, 0)
         sock.setsockopt(zmq.ROUTING_ID, f"c:{spec['wid']}:{spec['incarnation']}".encode())
+        curve.apply_client(sock, curve.CurveClientKeys.from_spec(spec.get("curve")))
         sock.connect(spec["endpoint"])
         sock.send(self.codec.encode(WHello(spec["wid"], spec["incarnation"], os.getpid(), spec["rank"])))
         return sock

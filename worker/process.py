@@ -7,7 +7,7 @@ import sys
 
 import zmq
 
-from protocol import Codec
+from protocol import Codec, curve
 from protocol.messages import WFatal
 from worker.control import ControlThread, Progress
 from worker.handlers import resolve
@@ -71,6 +71,7 @@ def _fatal(loop: ComputeLoop, spec: dict, exc: Exception) -> int:
     sock = loop.sock
     if sock is None:  # failed before the data socket existed: a throwaway socket still reaches home
         sock = loop.zctx.socket(zmq.DEALER)
+        curve.apply_client(sock, curve.CurveClientKeys.from_spec(spec.get("curve")))
         sock.connect(spec["endpoint"])
     sock.send(Codec().encode(WFatal(spec["wid"], spec["incarnation"], code, message[-4000:])))
     sock.close(linger=1000)  # the context's term() waits up to 1 s for the reason to be delivered

@@ -15,7 +15,7 @@ from collections import deque
 import psutil
 import zmq
 
-from protocol import Codec, JobError
+from protocol import Codec, JobError, curve
 from protocol.codec import INTERNAL_LIMITS
 from protocol.messages import WChunk, WError, WReady, WResult, WRun
 from worker.guard import GroupError
@@ -127,6 +127,7 @@ class ComputeLoop:
         sock.setsockopt(zmq.SNDHWM, 0)  # never drop a result because a queue filled
         sock.setsockopt(zmq.RCVHWM, 0)
         sock.setsockopt(zmq.ROUTING_ID, f"d:{self.spec['wid']}:{self.spec['incarnation']}".encode())
+        curve.apply_client(sock, curve.CurveClientKeys.from_spec(self.spec.get("curve")))
         sock.connect(self.spec["endpoint"])
         return sock
 
