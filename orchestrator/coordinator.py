@@ -28,6 +28,7 @@ from .client_ops import RECV_BATCH, ClientOps, RateLimitedLog
 from .config import ServerConfig, validate
 from .eventloop import EventLoop
 from .jobs import Job
+from .launcher import LocalLauncher
 from .metrics import make_metrics
 from .placement import available_cores, split_cores
 from .pools import Pool
@@ -87,6 +88,7 @@ class Coordinator(ClientOps):
         self.zctx = self.auth = self.csock = self.wsock = self.loop = self.sup = None
         self.monitor: security.HandshakeMonitor | None = None
         self.worker_endpoint: str | None = None
+        self.launcher = LocalLauncher()
 
     # ------------------------------------------------------------------ start
 
@@ -104,7 +106,7 @@ class Coordinator(ClientOps):
         self.loop.add(self.wsock, self._on_worker)
         self.monitor = security.HandshakeMonitor(self.csock, self.csock.getsockopt(zmq.MAXMSGSIZE))
         self.loop.add(self.monitor.sock, self.monitor.on_readable)
-        self.sup = Supervisor(self.cfg, self.worker_endpoint, self._send_worker, self.loop,
+        self.sup = Supervisor(self.cfg, self.worker_endpoint, self._send_worker, self.launcher, self.loop,
                               self._on_slot_down, self._on_slot_change, self.metrics)
         self._install_signals()
         self._start_slots()
@@ -194,12 +196,7 @@ class Coordinator(ClientOps):
 
     def shutdown(self) -> None:
         """Kill anything still running, close sockets, remove the run directory. Idempotent."""
-        for pool in self.pools.values():
-            for slot in pool.slots.values():
-                for p in slot.procs:
-                    if p.alive:  # normally none: the staged stop reaped them
-                        p.kill(self.stop_reason or "coordinator shutdown")
-                        p.reap()
+        self.launcher.close(self.stop_reason or "coordinator shutdown")  # normally nothing is left
         self.metrics.stop()
         if self.monitor is not None:
             self.monitor.close()

@@ -5,19 +5,14 @@ failure and restart: one process for tp=1, or a TP group of `tp` rank processes.
 """
 from __future__ import annotations
 
-import json
-import logging
 import os
-import signal
-import subprocess
-import sys
 import time
 from dataclasses import dataclass, field
 
+from .launcher import RankHandle, RankLaunch, SlotHandle, SlotLaunch
 from .placement import cuda_visible
 from .states import WORKER_TRANSITIONS, WorkerState, move
 
-log = logging.getLogger("orchestrator.procs")
 
 # Where the `worker` package lives, so workers import it even from an uninstalled checkout.
 _SOURCE_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -48,27 +43,22 @@ class SlotSpec:
 
 
 class Proc:
-    """One live worker process (one rank of a slot)."""
+    """One rank of a running slot, as supervision sees it: its routing ids and what it last said.
+    How it runs (a local process, a remote actor) is its launcher's `RankHandle`."""
 
-    def __init__(self, rank: int, wid: str, incarnation: int, popen: subprocess.Popen):
+    def __init__(self, rank: int, wid: str, incarnation: int, handle: RankHandle):
         self.rank = rank
         self.wid = wid
         # ROUTER identities of its two sockets (set by the worker from the same wid and incarnation).
         self.ctl_id = f"c:{wid}:{incarnation}".encode()
         self.data_id = f"d:{wid}:{incarnation}".encode()
-        self.popen = popen
-        self.pid = popen.pid
-        self.pidfd = _pidfd(popen.pid)
+        self.handle = handle
         self.last_seen = time.monotonic()
         self.hello = False
         self.ready = False
         self.step_age: float | None = None  # as of step_age_at
         self.step_age_at = 0.0
         self.stats: dict | None = None
-        self.exit_reason: str | None = None
-        self.returncode: int | None = None
-        self.log_tail: list[str] = []  # last output lines, quoted when the process dies
-        self.partial: dict = {}  # stream -> unfinished last line
 
     def current_step_age(self, now: float) -> float | None:
         if self.step_age is None:
@@ -77,28 +67,7 @@ class Proc:
 
     @property
     def alive(self) -> bool:
-        return self.returncode is None
-
-    def kill(self, reason: str) -> None:
-        """SIGKILL (idempotent). The first reason given is the one reported."""
-        first = self.exit_reason is None
-        if first:
-            self.exit_reason = reason
-        if self.alive:
-            if first:
-                log.info("killing pid %s: %s", self.pid, reason, extra={"wid": self.wid})
-            try:
-                os.kill(self.pid, signal.SIGKILL)
-            except ProcessLookupError:
-                pass
-
-    def reap(self) -> int:
-        """Collect the exit status once the process is gone (its pidfd was readable)."""
-        if self.returncode is None:
-            self.returncode = self.popen.wait()
-            if self.pidfd is not None:
-                os.close(self.pidfd)
-        return self.returncode
+        return self.handle.alive
 
 
 class Slot:
@@ -124,7 +93,7 @@ class Slot:
         self.info: dict = {}
         self.group_info: dict | None = None  # TP rendezvous info from rank 0 (this incarnation)
         self.stop_reason: str | None = None  # set when we stop it on purpose
-        self.stop_deadline: float | None = None
+        self.handle: SlotHandle | None = None  # its launcher's handle for the current incarnation
 
     def set_state(self, new: WorkerState) -> None:
         if new != self.state:
@@ -139,14 +108,10 @@ class Slot:
     def leader(self) -> Proc | None:
         return self.procs[0] if self.procs else None
 
-
-
-def _pidfd(pid: int) -> int | None:
-    """A pidfd becomes readable the instant the process exits: detection with no polling delay."""
-    try:
-        return os.pidfd_open(pid)
-    except (AttributeError, OSError):
-        return None
+    @property
+    def stopping(self) -> bool:
+        """A staged stop of its current incarnation is under way (stop message sent)."""
+        return self.handle is not None and self.handle.stopping
 
 
 def worker_spec(spec: SlotSpec, rank: int, incarnation: int, endpoint: str, cfg) -> dict:
@@ -195,31 +160,11 @@ def worker_env(spec: SlotSpec, rank: int) -> dict:
     return env
 
 
-def spawn(spec: SlotSpec, rank: int, incarnation: int, endpoint: str, cfg) -> Proc:
-    """Start one rank of a slot. Its stdout/stderr are pipes the event loop reads and prefixes."""
-    ws = worker_spec(spec, rank, incarnation, endpoint, cfg)
-    popen = subprocess.Popen(
-        [sys.executable, "-m", "worker", "--spec", json.dumps(ws)],
-        env=worker_env(spec, rank), stdin=subprocess.DEVNULL,
-        stdout=subprocess.PIPE, stderr=subprocess.PIPE, close_fds=True,
-    )
-    for pipe in (popen.stdout, popen.stderr):
-        os.set_blocking(pipe.fileno(), False)
-    return Proc(rank, ws["wid"], incarnation, popen)
-
-
-def exit_words(returncode: int | None) -> str:
-    """Turn an exit status into words for status and logs.
-
-    >>> exit_words(-9), exit_words(1), exit_words(0)
-    ('killed by signal 9 (SIGKILL)', 'exit code 1', 'exited normally')
-    """
-    if returncode is None:
-        return "still running"
-    if returncode < 0:
-        try:
-            name = signal.Signals(-returncode).name
-        except ValueError:
-            name = "?"
-        return f"killed by signal {-returncode} ({name})"
-    return "exited normally" if returncode == 0 else f"exit code {returncode}"
+def slot_launch(spec: SlotSpec, incarnation: int, endpoint: str, cfg) -> SlotLaunch:
+    """What a launcher starts for one incarnation of a slot: every rank's spec and environment."""
+    ranks = []
+    for rank in range(spec.tp):
+        ws = worker_spec(spec, rank, incarnation, endpoint, cfg)
+        ranks.append(RankLaunch(rank, ws["wid"], ws, worker_env(spec, rank),
+                                tuple(spec.cores[rank]) if spec.cores else ()))
+    return SlotLaunch(spec.wid, spec.pool, incarnation, tuple(spec.devices), tuple(ranks))

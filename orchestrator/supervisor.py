@@ -1,24 +1,25 @@
-"""Slot lifecycle: spawn, readiness, liveness (exit, heartbeat, progress), restart, staged stop.
+"""Slot lifecycle policy: start, readiness, liveness (exit, heartbeat, progress), restart, staged stop.
 
-The supervisor decides and acts on processes; it tells the coordinator about jobs through two
-callbacks: `on_down(slot, reason)` (requeue its in-flight jobs) and `on_change(slot)` (credits or
-readiness changed: dispatch again).
+The supervisor decides; a `Launcher` (launcher.py) starts, watches and stops the processes, and the
+supervisor never touches a pid. It tells the coordinator about jobs through two callbacks:
+`on_down(slot, reason)` (requeue its in-flight jobs) and `on_change(slot)` (credits or readiness
+changed: dispatch again).
 
 Liveness is checked three ways:
-- process exit: a pidfd per process, polled by the event loop, fires the instant it exits;
+- process exit: the launcher's exit events (the local one: a pidfd per process, the instant it exits);
 - heartbeats: any message from a process refreshes `last_seen`; silence for `hb_timeout` kills it;
 - progress: heartbeats carry the current step's age; past the pool's budget the slot is `stuck`.
 """
 from __future__ import annotations
 
 import logging
-import os
 import time
 from typing import Callable
 
 from protocol.messages import WGroupInfo, WPing, WStop
+from .launcher import ExitEvent, Launcher, SlotHandle
 from .logs import ids
-from .procs import Proc, Slot, exit_words, spawn
+from .procs import Proc, Slot, slot_launch
 from .states import LIVE, SERVING, WorkerState as S
 
 log = logging.getLogger("orchestrator.supervisor")
@@ -30,16 +31,18 @@ START_TIMEOUT = 60.0
 
 
 class Supervisor:
-    def __init__(self, cfg, endpoint: str, send: Callable, loop, on_down: Callable,
-                 on_change: Callable, metrics):
+    def __init__(self, cfg, endpoint: str, send: Callable, launcher: Launcher, loop,
+                 on_down: Callable, on_change: Callable, metrics):
         self.cfg = cfg
         self.endpoint = endpoint
         self.send = send  # send(identity, message) on the worker ROUTER
-        self.loop = loop  # fd registry of the event loop (add/remove)
+        self.launcher = launcher
+        launcher.attach(loop, self._on_exit, self._send_stop_to)
         self.on_down = on_down
         self.on_change = on_change
         self.metrics = metrics
         self.by_id: dict[bytes, tuple[Slot, Proc]] = {}
+        self.by_handle: dict[SlotHandle, Slot] = {}  # launcher handle -> its slot (live incarnations)
         self.pool_cfgs: dict = {}
         self.stopping = False
         self._next_ping = 0.0
@@ -54,23 +57,18 @@ class Supervisor:
         slot.capacity = 0
         slot.group_info = None  # each incarnation rendezvouses anew
         slot.stop_reason = None
-        slot.stop_deadline = None
         slot.set_state(S.STARTING)
-        for rank in range(slot.spec.tp):
-            proc = spawn(slot.spec, rank, slot.incarnation, self.endpoint, self.cfg)
+        launch = slot_launch(slot.spec, slot.incarnation, self.endpoint, self.cfg)
+        slot.handle = self.launcher.start(launch)
+        self.by_handle[slot.handle] = slot
+        for r in launch.ranks:
+            proc = Proc(r.rank, r.wid, slot.incarnation, slot.handle.ranks[r.rank])
             slot.procs.append(proc)
-            self._watch(slot, proc)
-        log.info("%s: started incarnation %d pid(s) %s devices %s", slot.name, slot.incarnation,
-                 [p.pid for p in slot.procs], ",".join(slot.spec.devices), extra=ids(slot))
-
-    def _watch(self, slot: Slot, proc: Proc) -> None:
-        self.by_id[proc.ctl_id] = (slot, proc)
-        self.by_id[proc.data_id] = (slot, proc)
-        if proc.pidfd is not None:
-            self.loop.add(proc.pidfd, lambda: self._on_exit(slot, proc))
-        for stream in ("stdout", "stderr"):
-            pipe = getattr(proc.popen, stream)
-            self.loop.add(pipe.fileno(), lambda p=pipe, s=stream: self._on_output(slot, proc, p, s))
+            self.by_id[proc.ctl_id] = (slot, proc)
+            self.by_id[proc.data_id] = (slot, proc)
+        log.info("%s: started incarnation %d (%s) devices %s", slot.name, slot.incarnation,
+                 ", ".join(p.handle.label for p in slot.procs), ",".join(slot.spec.devices),
+                 extra=ids(slot))
 
     def _forget(self, proc: Proc) -> None:
         """Drop the process's identities: anything it still sends is from a dead incarnation."""
@@ -124,7 +122,7 @@ class Supervisor:
         """A job left the slot: update BUSY/READY and finish a drain."""
         if slot.state == S.BUSY and not slot.inflight:
             slot.set_state(S.READY)
-        elif slot.state == S.DRAINING and not slot.inflight and slot.stop_deadline is None:
+        elif slot.state == S.DRAINING and not slot.inflight and not slot.stopping:
             self._send_stop(slot, slot.stop_reason or "drained")
 
     # ------------------------------------------------------------------ failure
@@ -150,29 +148,24 @@ class Supervisor:
     def _kill_all(self, slot: Slot, reason: str) -> None:
         for p in slot.procs:
             self._forget(p)
-            p.kill(reason)
+        if slot.handle is not None:
+            self.launcher.kill(slot.handle, reason)
 
-    def _on_exit(self, slot: Slot, proc: Proc) -> None:
-        if proc.pidfd is not None:
-            self.loop.remove(proc.pidfd)
-        proc.reap()
-        reason = proc.exit_reason or exit_words(proc.returncode)
-        if proc.exit_reason is None:
-            proc.exit_reason = reason
-        tail = " | ".join(proc.log_tail[-3:])
-        log.log(logging.INFO if slot.stop_reason else logging.WARNING, "%s pid %d exited: %s%s",
-                proc.wid, proc.pid, exit_words(proc.returncode), f" (last output: {tail})" if tail else "",
-                extra=ids(slot))
-        if slot.state in LIVE and not (slot.stop_reason and proc.returncode == 0):
-            self.fail(slot, reason)
+    def _on_exit(self, event: ExitEvent) -> None:
+        slot = self.by_handle.get(event.handle)
+        if slot is None:
+            return  # an incarnation already settled
+        if slot.state in LIVE and not (slot.stop_reason and event.clean):
+            self.fail(slot, event.reason)
         self._settle(slot)
 
     def _settle(self, slot: Slot) -> None:
-        """Once every rank is reaped: stopped, failed for good, or scheduled to restart."""
-        if any(p.alive for p in slot.procs):
+        """Once every rank has ended: stopped, failed for good, or scheduled to restart."""
+        if slot.handle is not None and slot.handle.alive:
             return
         for p in slot.procs:
             self._forget(p)
+        self.by_handle.pop(slot.handle, None)
         if slot.stop_reason or self.stopping:
             if slot.state in (S.DRAINING, S.READY, S.BUSY, S.STARTING, S.LOADING):
                 self.on_down(slot, slot.stop_reason or "stopping", None)  # nothing may stay in flight
@@ -203,34 +196,10 @@ class Supervisor:
         log.info("%s: restarting in %.2f s (attempt %d)", slot.name, delay, slot.consecutive_failures,
                  extra=ids(slot))
 
-    # ------------------------------------------------------------------ output capture
-
-    def _on_output(self, slot: Slot, proc: Proc, pipe, stream: str) -> None:
-        fd = pipe.fileno()
-        try:
-            data = os.read(fd, 65536)
-        except BlockingIOError:
-            return
-        except OSError:
-            data = b""
-        if not data:  # EOF: the process closed it (exiting)
-            self.loop.remove(fd)
-            pipe.close()
-            return
-        # Keep a partial last line for the next read, so a traceback's lines are never split.
-        text = proc.partial.pop(stream, "") + data.decode("utf-8", "replace")
-        lines = text.split("\n")
-        if lines[-1]:
-            proc.partial[stream] = lines[-1]
-        wlog = logging.getLogger("worker")
-        for line in lines[:-1]:
-            if line.strip():
-                proc.log_tail = (proc.log_tail + [line])[-20:]
-                wlog.info("%s", line, extra={"wid": proc.wid, "pool": slot.spec.pool, "stream": stream})
-
     # ------------------------------------------------------------------ timers
 
     def tick(self, slots: list[Slot], now: float) -> None:
+        self.launcher.tick(now)
         if now >= self._next_ping:
             self._next_ping = now + self.cfg.hb_interval
             for slot in slots:
@@ -244,17 +213,12 @@ class Supervisor:
         if slot.state in LIVE:
             self._check_liveness(slot, now)
             self._check_progress(slot, now)
-        if slot.stop_deadline is not None and now >= slot.stop_deadline:
-            self._escalate_stop(slot, now)
         if slot.state == S.RESTARTING and now >= slot.restart_at and not self.stopping:
             self.start_slot(slot, self.pool_cfgs[slot.spec.pool])
-        for p in slot.procs:
-            if p.pidfd is None and p.alive and p.popen.poll() is not None:
-                self._on_exit(slot, p)  # no pidfd on this kernel: fall back to polling
 
     def _check_liveness(self, slot: Slot, now: float) -> None:
-        if slot.stop_deadline is not None:
-            return  # a staged stop is under way: its own deadline decides, not heartbeats
+        if slot.stopping:
+            return  # a staged stop is under way: its own budget decides, not heartbeats
         for p in slot.procs:
             silent = now - p.last_seen
             limit = self.cfg.hb_timeout if p.hello else max(self.cfg.hb_timeout, START_TIMEOUT)
@@ -290,7 +254,7 @@ class Supervisor:
         and another `stop_timeout` to reap it (so at most 2 x stop_timeout)."""
         slot.stop_reason = slot.stop_reason or reason
         if slot.state in (S.DEAD, S.RESTARTING, S.FAILED):
-            if not any(p.alive for p in slot.procs):
+            if slot.handle is None or not slot.handle.alive:
                 slot.set_state(S.STOPPED)
                 self.on_change(slot)
             return
@@ -300,17 +264,12 @@ class Supervisor:
 
     def _send_stop(self, slot: Slot, reason: str) -> None:
         log.info("%s: stopping: %s", slot.name, reason, extra=ids(slot))
-        for p in slot.procs:
-            if p.alive:
-                self.send(p.ctl_id, WStop(reason))
-        slot.stop_deadline = time.monotonic() + self.cfg.stop_timeout
+        if slot.handle is not None:
+            self.launcher.stop(slot.handle, reason, self.cfg.stop_timeout)
         self._settle(slot)
 
-    def _escalate_stop(self, slot: Slot, now: float) -> None:
-        alive = [p for p in slot.procs if p.alive]
-        if not alive:
-            slot.stop_deadline = None
-            return
-        for p in alive:
-            p.kill(f"{slot.stop_reason}: did not exit within {self.cfg.stop_timeout:g} s of stop")
-        slot.stop_deadline = now + self.cfg.stop_timeout  # join again after the kill
+    def _send_stop_to(self, handle: SlotHandle, rank: int, reason: str) -> None:
+        """The launcher's first stop stage: the stop message, over the worker socket."""
+        slot = self.by_handle.get(handle)
+        if slot is not None and rank < len(slot.procs):
+            self.send(slot.procs[rank].ctl_id, WStop(reason))

@@ -20,7 +20,8 @@ def _rounded(v: float | None) -> float | None:
 
 def _proc_view(p, now: float) -> dict:
     stats = p.stats or {}
-    return {"rank": p.rank, "pid": p.pid, "alive": p.alive,
+    return {"rank": p.rank, "pid": p.handle.pid, "alive": p.alive,
+            "host": p.handle.host, "node": p.handle.node,
             "heartbeat_age": round(now - p.last_seen, 3) if p.alive else None,
             "step_age": _rounded(p.current_step_age(now)) if p.alive else None,
             "rss_bytes": stats.get("rss_bytes"), "gpu_memory": stats.get("gpu") or [],
