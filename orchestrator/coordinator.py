@@ -23,7 +23,7 @@ from protocol.messages import (
     Chunk, Error, Result, WCancel, WChunk, WError, WFatal, WGroupReport, WHeartbeat, WHello, WReady,
     WResult, WRun,
 )
-from . import security
+from . import cluster, security
 from .client_ops import RECV_BATCH, ClientOps, RateLimitedLog
 from .config import ServerConfig, validate
 from .eventloop import EventLoop
@@ -87,8 +87,10 @@ class Coordinator(ClientOps):
         # Created by start(); None until then so shutdown() is safe after a failed start.
         self.zctx = self.auth = self.csock = self.wsock = self.loop = self.sup = None
         self.monitor: security.HandshakeMonitor | None = None
+        self.wmonitor: security.HandshakeMonitor | None = None  # Ray mode: refusals on the worker socket
         self.worker_endpoint: str | None = None
-        self.launcher = LocalLauncher()
+        self.worker_keys: security.WorkerKeys | None = None  # Ray mode: the worker socket's CURVE keys
+        self.launcher = LocalLauncher()  # start() replaces it with a Ray launcher in Ray mode
 
     # ------------------------------------------------------------------ start
 
@@ -97,8 +99,11 @@ class Coordinator(ClientOps):
         self.pools = {p.name: Pool(p) for p in self.cfg.pools}  # raises ValueError on bad placement
         self.run_dir = tempfile.mkdtemp(prefix="orchestrator-", dir=self.cfg.run_dir)
         os.chmod(self.run_dir, 0o700)  # only this user may reach the worker socket
+        if self.cfg.ray is not None:  # joins the Ray cluster (ValueError if it cannot)
+            self.worker_keys = security.WorkerKeys(self.run_dir)
+            self.launcher = cluster.make_launcher(self.cfg, self.run_dir, self.worker_keys)
         self.zctx = zmq.Context()
-        self.auth = security.setup(self.zctx, self.cfg)
+        self.auth = security.setup(self.zctx, self.cfg, self.worker_keys)
         self.csock = self._bind_client()
         self.wsock = self._bind_workers()
         self.loop = EventLoop()
@@ -106,9 +111,12 @@ class Coordinator(ClientOps):
         self.loop.add(self.wsock, self._on_worker)
         self.monitor = security.HandshakeMonitor(self.csock, self.csock.getsockopt(zmq.MAXMSGSIZE))
         self.loop.add(self.monitor.sock, self.monitor.on_readable)
+        if self.wmonitor is not None:
+            self.loop.add(self.wmonitor.sock, self.wmonitor.on_readable)
         self.sup = Supervisor(self.cfg, self.worker_endpoint, self._send_worker, self.launcher, self.loop,
                               self._on_slot_down, self._on_slot_change, self.metrics)
         self._install_signals()
+        cluster.reserve(self.cfg, self.launcher, self.pools)  # Ray: all first slots placed, or ValueError
         self._start_slots()
         self.metrics.start(self)
         return self.endpoint
@@ -131,8 +139,11 @@ class Coordinator(ClientOps):
         sock.setsockopt(zmq.LINGER, 0)
         sock.setsockopt(zmq.SNDHWM, 0)  # never drop a job or a stop message to a worker
         sock.setsockopt(zmq.RCVHWM, 0)
-        self.worker_endpoint = f"ipc://{self.run_dir}/workers.sock"
-        sock.bind(self.worker_endpoint)
+        if self.worker_keys is not None:  # Ray mode: TCP, so only this run's key may connect
+            self.worker_keys.apply_server(sock)
+            self.wmonitor = security.HandshakeMonitor(sock, 0, who="worker", log_closes=False)
+        sock.bind(cluster.worker_bind_address(self.cfg, self.run_dir, self.launcher))
+        self.worker_endpoint = sock.getsockopt_string(zmq.LAST_ENDPOINT)
         return sock
 
     def _start_slots(self) -> None:
@@ -188,6 +199,8 @@ class Coordinator(ClientOps):
         self.sup.tick(slots, now)
         self._expire_jobs(now)
         self.monitor.flush()  # suppressed-refusal counts reach the log without waiting for a next one
+        if self.wmonitor is not None:
+            self.wmonitor.flush()
         if self.state == CS.DRAINING:
             self._check_drained(now)
         if self.state == CS.STOPPING and all(s.state == WS.STOPPED for s in slots):
@@ -198,9 +211,10 @@ class Coordinator(ClientOps):
         """Kill anything still running, close sockets, remove the run directory. Idempotent."""
         self.launcher.close(self.stop_reason or "coordinator shutdown")  # normally nothing is left
         self.metrics.stop()
-        if self.monitor is not None:
-            self.monitor.close()
-            self.monitor = None
+        for monitor in (self.monitor, self.wmonitor):
+            if monitor is not None:
+                monitor.close()
+        self.monitor = self.wmonitor = None
         if self.csock is not None:
             self.csock.close(linger=1000)  # let the last replies (results, the stop's ok) flush
         if self.wsock is not None:

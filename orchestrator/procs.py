@@ -134,6 +134,8 @@ def worker_spec(spec: SlotSpec, rank: int, incarnation: int, endpoint: str, cfg)
         "coord_timeout": cfg.coord_timeout,
         "log_level": cfg.log_level,
         "guard_timeout": spec.guard_timeout,
+        "curve": None,  # Ray mode: CURVE keys for the TCP worker socket (set by the Ray launcher)
+        "node": None,  # Ray mode: the Ray node id (set by the rank's actor)
         # CLOCK_MONOTONIC is one clock for the host: the worker measures its boot from here. (The process's
         # start time from /proc is anchored to a whole-second boot time, up to 1 s off.)
         "spawned_at": time.monotonic(),

@@ -21,6 +21,7 @@ import socket
 import subprocess
 import sys
 import threading
+import time
 from collections import deque
 
 # Where the `worker` package lives on this node, so the child imports it even from a checkout.
@@ -54,6 +55,7 @@ class RankActor:
         spec = json.loads(spec_json)
         spec["parent_pid"] = os.getpid()  # the worker's orphan checks watch this actor
         spec["node"] = node
+        spec["spawned_at"] = time.monotonic()  # the worker's boot time is measured on its own host's clock
         full = dict(os.environ)
         full.update(env)
         full["PYTHONPATH"] = os.pathsep.join(filter(None, [_SOURCE_ROOT, os.environ.get("PYTHONPATH")]))

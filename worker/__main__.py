@@ -53,7 +53,8 @@ def build_context(spec: dict):
     # Inside the worker, CUDA_VISIBLE_DEVICES renumbers our devices from 0; a TP rank uses cuda:<rank>.
     device = f"cuda:{rank if world > 1 else 0}" if gpu else "cpu"
     return WorkerContext(wid=spec["wid"], pool=spec["pool"], devices=spec["devices"], device=device,
-                         config=spec.get("config") or {}, rank=rank, world_size=world)
+                         config=spec.get("config") or {}, rank=rank, world_size=world,
+                         node=spec.get("node"))
 
 
 def main(argv: list | None = None) -> int:

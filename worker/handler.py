@@ -37,6 +37,7 @@ class WorkerContext:
     config: dict  # the pool's handler config from the server config
     rank: int = 0
     world_size: int = 1
+    node: str | None = None  # the Ray node id when Ray placed this worker; None when launched locally
     group: Any = None  # worker.tp.GroupRuntime for tp > 1, else None
     sink: "EventSink | None" = None
     streams: Any = None  # worker.streams.TransferPool on CUDA workers, else None
