@@ -144,6 +144,8 @@ class Coordinator(ClientOps):
             self.wmonitor = security.HandshakeMonitor(sock, 0, who="worker", log_closes=False)
         sock.bind(cluster.worker_bind_address(self.cfg, self.run_dir, self.launcher))
         self.worker_endpoint = sock.getsockopt_string(zmq.LAST_ENDPOINT)
+        if self.worker_keys is not None:
+            log.info("worker socket %s: CURVE, this run's worker key only", self.worker_endpoint)
         return sock
 
     def _start_slots(self) -> None:

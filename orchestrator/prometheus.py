@@ -106,6 +106,9 @@ class PrometheusMetrics:
                               "reports it", ["pool", "worker", "device"])
         self.gpu_total = gauge("orchestrator_gpu_memory_total_bytes", "GPU memory in total",
                                ["pool", "worker", "device"])
+        self.worker_node = gauge("orchestrator_worker_node", "1 for where the worker slot runs: its host, "
+                                 "and its Ray node id (empty when launched locally)",
+                                 ["pool", "worker", "host", "node"])
 
     # ------------------------------------------------------------------ lifecycle
 
@@ -175,13 +178,15 @@ class PrometheusMetrics:
         self.pool_health.publish(health)
 
     def _refresh_workers(self, coord, now: float) -> None:
-        state, inflight, hb, step, rss, used, total = {}, {}, {}, {}, {}, {}, {}
+        state, inflight, hb, step, rss, used, total, where = {}, {}, {}, {}, {}, {}, {}, {}
         for name, pool in coord.pools.items():
             for slot in pool.slots.values():
                 w = views.slot_view(slot, now)
                 key = (name, slot.name)
                 state.update({(*key, s.value): int(s == slot.state) for s in WorkerState})
                 inflight[key] = w["inflight"]
+                if w["host"] is not None:
+                    where[(*key, w["host"], w["node"] or "")] = 1
                 if w["heartbeat_age"] is not None:  # no live process: no heartbeat to age
                     hb[key] = w["heartbeat_age"]
                     step[key] = w["step_age"] or 0.0
@@ -192,5 +197,5 @@ class PrometheusMetrics:
                     total[(*key, str(g["device"]))] = g["total_bytes"]
         for gauge, values in ((self.worker_state, state), (self.worker_inflight, inflight),
                               (self.heartbeat_age, hb), (self.step_age, step), (self.rss, rss),
-                              (self.gpu_used, used), (self.gpu_total, total)):
+                              (self.gpu_used, used), (self.gpu_total, total), (self.worker_node, where)):
             gauge.publish(values)

@@ -41,6 +41,9 @@ def slot_view(slot, now: float) -> dict:
         "name": slot.name,
         "state": slot.state.value,
         "devices": list(slot.spec.devices),
+        # Where it runs: this host (node None), or the Ray node the cluster placed it on.
+        "host": slot.handle.host if slot.handle else None,
+        "node": slot.handle.node if slot.handle else None,
         "pids": [p["pid"] for p in live],
         "inflight": len(slot.inflight),
         "capacity": slot.capacity,
