@@ -1,23 +1,24 @@
 """The coordinator's client socket: frames in, admission, and the client ops (submit, cancel, status,
-health, ping, scale, stop). A mixin of `Coordinator`, which owns the state these methods use; kept apart
-so that what a client can ask for reads in one place."""
+health, ping, scale, stop), so that what a client can ask for reads in one place.
+
+ClientOps decides what a request means; it changes jobs only through the JobTable, and reads state for
+`status` and `health` only from a snapshot."""
 from __future__ import annotations
 
-import heapq
 import logging
 import time
+from typing import Callable
 
 import zmq
 
 from protocol import ProtocolError, errors as E
 from protocol.messages import Cancel, Error, Health, Ok, Ping, Scale, Status, Stop, Submit
 from . import views
-from .jobs import Job
+from .dispatch import RECV_BATCH
+from .jobtable import JobTable
 from .states import CoordinatorState as CS, JobState as JS
 
 log = logging.getLogger("orchestrator.coordinator")
-
-RECV_BATCH = 256  # messages drained per socket per loop turn: fairness between clients and workers
 
 
 class RateLimitedLog:
@@ -40,14 +41,36 @@ class RateLimitedLog:
             self.suppressed += 1
 
 
+def replier(sock: zmq.Socket, codec, out) -> Callable:
+    """`reply(route, message)`: encode and queue a message to a client for the end of the loop turn."""
+    encode, put = codec.encode, out.put
+
+    def reply(route: tuple, msg) -> None:
+        put((sock, route, encode(msg)))
+    return reply
+
+
 class ClientOps:
-    """Client-facing half of the Coordinator (see coordinator.py for the state it reads)."""
+    """Answers client requests. Its collaborators are explicit:
 
+    - `table`: the JobTable (accept, find, end); `dispatch(pool)` runs queued jobs of a pool;
+    - `scale(pool, n)` reconciles a pool (raises ValueError); `request_stop(reason, drain)`;
+    - `state()`: the coordinator's CoordinatorState; `snapshot()`: a snapshot.Snapshot for views.
+    """
 
-    def _on_client(self) -> None:
+    def __init__(self, cfg, sock: zmq.Socket, codec, reply: Callable, table: JobTable, pools: dict,
+                 dispatch: Callable, scale: Callable, request_stop: Callable, state: Callable,
+                 snapshot: Callable, metrics):
+        self.cfg, self.sock, self.codec, self.reply = cfg, sock, codec, reply
+        self.table, self.pools, self.dispatch, self.scale = table, pools, dispatch, scale
+        self.request_stop, self.state, self.snapshot, self.metrics = request_stop, state, snapshot, metrics
+        self.rejected: dict[str, int] = {}  # error code -> count of rejected requests
+        self.bad_log = RateLimitedLog(log)
+
+    def on_readable(self) -> None:
         for _ in range(RECV_BATCH):
             try:
-                frames = self.csock.recv_multipart(zmq.NOBLOCK)
+                frames = self.sock.recv_multipart(zmq.NOBLOCK)
             except zmq.Again:
                 return
             self._client_frames(frames)
@@ -74,14 +97,11 @@ class ClientOps:
         op(self, route, msg)
 
     def _reject(self, route: tuple, rid, code: str, message: str) -> None:
-        self.rejected[code] += 1
+        self.rejected[code] = self.rejected.get(code, 0) + 1
         if len(message) > 500:  # it may quote client input (an op, a pool name) of up to max_str_len
             message = message[:500] + f"... ({len(message)} chars)"
         self.bad_log.warning("rejected request from client %s: %s: %s", route[0].hex()[:8], code, message)
-        self._reply(route, Error(rid, code, message))
-
-    def _reply(self, route: tuple, msg) -> None:
-        self._out.append((self.csock, route, self.codec.encode(msg)))  # sent at the end of the turn
+        self.reply(route, Error(rid, code, message))
 
     def _op_submit(self, route: tuple, msg: Submit) -> None:
         err = self._admit(route, msg)
@@ -91,60 +111,54 @@ class ClientOps:
         pool = self.pools[msg.pool]
         deadline = time.monotonic() + msg.timeout if msg.timeout else None
         retries = pool.cfg.retries if msg.retries is None else msg.retries
-        job = Job(self.next_jid, route, msg.id, msg.pool, msg.input, msg.stream, retries, deadline)
-        self.next_jid += 1
-        self.jobs[(route, msg.id)] = job
-        self.per_client[route] += 1
-        if deadline:
-            heapq.heappush(self.timeouts, (deadline, job.jid, job))
-            if len(self.timeouts) > 2 * len(self.jobs) + 1024:  # finished jobs wait for their deadline
-                self.timeouts = [t for t in self.timeouts if not t[2].finished]
-                heapq.heapify(self.timeouts)
-        self._enqueue(pool, job)
+        self.table.accept(route, msg.id, msg.pool, msg.input, msg.stream, retries, deadline)
         self.metrics.job_accepted(pool.name)
-        self._dispatch(pool)
+        self.dispatch(pool)
 
     def _admit(self, route: tuple, msg: Submit) -> tuple | None:
         """Why a submit cannot be accepted, as (code, message), or None."""
         pool = self.pools.get(msg.pool)
         if pool is None:
             return E.UNKNOWN_POOL, f"no pool named {msg.pool!r}; pools: {sorted(self.pools)}"
-        if self.state != CS.RUNNING:
+        if self.state() != CS.RUNNING:
             return E.SHUTTING_DOWN, "the coordinator is shutting down and accepts no new jobs"
-        if (route, msg.id) in self.jobs:
+        table = self.table
+        if table.find(route, msg.id) is not None:
             return E.BAD_REQUEST, f"job id {msg.id!r} is already in flight for this client"
         # `not > 0` also rejects NaN, which would sit at the top of the deadline heap forever.
         if msg.timeout is not None and not msg.timeout > 0 or msg.retries is not None and msg.retries < 0:
             return E.BAD_REQUEST, "timeout must be > 0 and retries >= 0"
-        if self.per_client.get(route, 0) >= self.cfg.max_pending_per_client:  # .get: no entry per stranger
-            return E.OVERLOADED, f"this client already has {self.per_client[route]} unfinished jobs " \
+        pending = table.pending(route)
+        if pending >= self.cfg.max_pending_per_client:
+            return E.OVERLOADED, f"this client already has {pending} unfinished jobs " \
                                  f"(max_pending_per_client={self.cfg.max_pending_per_client})"
-        if len(pool.queue) >= pool.cfg.queue_size:
-            return E.OVERLOADED, f"pool {pool.name} queue is full ({len(pool.queue)} queued, " \
+        queued = table.queued(pool.name)
+        if queued >= pool.cfg.queue_size:
+            return E.OVERLOADED, f"pool {pool.name} queue is full ({queued} queued, " \
                                  f"queue_size={pool.cfg.queue_size})"
-        if self.queued_total >= self.cfg.max_queued_total:
-            return E.OVERLOADED, f"{self.queued_total} jobs queued across pools " \
+        if table.queued_total >= self.cfg.max_queued_total:
+            return E.OVERLOADED, f"{table.queued_total} jobs queued across pools " \
                                  f"(max_queued_total={self.cfg.max_queued_total})"
         if not pool.can_ever_serve():
             return E.UNAVAILABLE, f"pool {pool.name} has no live workers"
         return None
 
     def _op_cancel(self, route: tuple, msg: Cancel) -> None:
-        job = self.jobs.get((route, msg.job))
+        job = self.table.find(route, msg.job)
         if job is None:
             self._reject(route, msg.id, E.UNKNOWN_JOB, f"no unfinished job {msg.job!r} for this client")
             return
-        self._reply(route, Ok(msg.id, {"job": msg.job, "state": job.state.value}))
-        self._abort(job, JS.CANCELLED, E.CANCELLED, "cancelled by client")
+        self.reply(route, Ok(msg.id, {"job": msg.job, "state": job.state.value}))
+        self.table.end(job, JS.CANCELLED, Error(job.cid, E.CANCELLED, "cancelled by client"))
 
     def _op_status(self, route: tuple, msg: Status) -> None:
-        self._reply(route, Ok(msg.id, views.status(self)))
+        self.reply(route, Ok(msg.id, views.status(self.snapshot())))
 
     def _op_health(self, route: tuple, msg: Health) -> None:
-        self._reply(route, Ok(msg.id, views.health(self)))
+        self.reply(route, Ok(msg.id, views.health(self.snapshot())))
 
     def _op_ping(self, route: tuple, msg: Ping) -> None:
-        self._reply(route, Ok(msg.id, {"pong": True, "state": self.state.value}))
+        self.reply(route, Ok(msg.id, {"pong": True, "state": self.state().value}))
 
     def _op_scale(self, route: tuple, msg: Scale) -> None:
         pool = self.pools.get(msg.pool)
@@ -156,10 +170,10 @@ class ClientOps:
         except ValueError as e:
             self._reject(route, msg.id, E.SCALE_ERROR, str(e))
             return
-        self._reply(route, Ok(msg.id, {"pool": pool.name, "replicas": pool.desired}))
+        self.reply(route, Ok(msg.id, {"pool": pool.name, "replicas": pool.desired}))
 
     def _op_stop(self, route: tuple, msg: Stop) -> None:
-        self._reply(route, Ok(msg.id, {"state": "stopping", "drain": msg.drain}))
+        self.reply(route, Ok(msg.id, {"state": "stopping", "drain": msg.drain}))
         self.request_stop(msg.reason, drain=msg.drain)
 
     _ops = {Submit: _op_submit, Cancel: _op_cancel, Status: _op_status, Health: _op_health,

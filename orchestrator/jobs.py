@@ -11,7 +11,7 @@ class Job:
     """One accepted job. `client` + `cid` address its replies; `jid` names it to workers."""
 
     __slots__ = ("jid", "client", "cid", "pool", "input", "stream", "retries", "state", "slot",
-                 "incarnation", "crashes", "chunks_sent", "accepted_at", "started_at", "first_chunk_at",
+                 "crashes", "chunks_sent", "accepted_at", "started_at", "first_chunk_at",
                  "deadline", "name")
 
     def __init__(self, jid: int, client: bytes, cid: Any, pool: str, input: Any, stream: bool,
@@ -21,8 +21,7 @@ class Job:
         self.client, self.cid, self.pool = client, cid, pool
         self.input, self.stream, self.retries = input, stream, retries
         self.state = JobState.QUEUED
-        self.slot = None  # the Slot running it, while RUNNING
-        self.incarnation = 0  # of that slot, so a late reply from an older process is recognised
+        self.slot = None  # the Slot running it, while RUNNING (and after, while its end is unacknowledged)
         self.crashes: list[str] = []  # exit reasons of workers that died while running it
         self.chunks_sent = 0
         self.accepted_at = time.monotonic()

@@ -36,6 +36,11 @@ wlog = logging.getLogger("worker")  # captured worker output
 TAIL_LINES = 20  # output lines kept per rank, quoted when it dies
 
 
+class LaunchError(RuntimeError):
+    """`start` could not start the slot (no room to place it, a remote node refused). The message says
+    why in words; the supervisor fails the slot with it, which counts against its restart budget."""
+
+
 @dataclass(frozen=True)
 class RankLaunch:
     """One rank to start: its worker id, the spec the worker starts from, and its environment."""
@@ -143,7 +148,8 @@ class Launcher(abc.ABC):
 
     @abc.abstractmethod
     def start(self, launch: SlotLaunch) -> SlotHandle:
-        """Start every rank of the slot; return at once (readiness comes over the worker socket)."""
+        """Start every rank of the slot; return at once (readiness comes over the worker socket).
+        Raises LaunchError, having started nothing that still runs, when it cannot."""
 
     @abc.abstractmethod
     def kill(self, handle: SlotHandle, reason: str) -> None:
@@ -357,5 +363,5 @@ def exit_words(returncode: int | None) -> str:
     return "exited normally" if returncode == 0 else f"exit code {returncode}"
 
 
-__all__ = ["Launcher", "LocalLauncher", "LoopWaker", "SlotLaunch", "RankLaunch", "SlotHandle",
+__all__ = ["Launcher", "LaunchError", "LocalLauncher", "LoopWaker", "SlotLaunch", "RankLaunch", "SlotHandle",
            "RankHandle", "ExitEvent", "exit_words"]

@@ -165,6 +165,27 @@ def split_cores(cores: list[int], n: int) -> list[list[int]]:
     return out
 
 
+def pool_cores(cores: list[int], ranks: dict[str, int]) -> dict[str, list[list[int]]]:
+    """The CPU-core split: one share of `cores` per rank each pool can ever run, in pool order.
+
+    `ranks` maps each pool to its rank capacity (device groups x tp). Shares are fixed per slot index,
+    so a slot gets the same cores whether it starts with the server or later by scale-up, and never
+    cores given to another pool (unless there are fewer cores than ranks: then shares repeat, as in
+    `split_cores`). Slot i of a tp-k pool takes shares i*k .. i*k+k-1.
+
+    >>> pool_cores([0, 1, 2, 3, 4, 5, 6, 7], {"a": 2, "b": 4})
+    {'a': [[0, 1], [2, 3]], 'b': [[4], [5], [6], [7]]}
+    >>> pool_cores([0, 1], {"a": 2, "b": 1})
+    {'a': [[0], [1]], 'b': [[0]]}
+    """
+    shares = split_cores(cores, max(sum(ranks.values()), 1))
+    out, k = {}, 0
+    for pool, n in ranks.items():
+        out[pool] = shares[k:k + n]
+        k += n
+    return out
+
+
 def available_cores() -> list[int]:
     """Cores this process may run on (its affinity), or all cores where affinity is unsupported."""
     try:

@@ -1,18 +1,18 @@
-"""A pool: its slots, its bounded queue, dispatch choice and scale decisions.
+"""A pool: its slots, dispatch choice, health and scale decisions.
 
-This module decides; it never touches sockets or processes (the coordinator does that).
+This module decides; it never touches sockets or processes (the coordinator does that), and its jobs
+(its queue and counts) belong to the JobTable.
 """
 from __future__ import annotations
 
-import time
-from collections import deque
-
 from .config import PoolConfig
-from .placement import assign, available_cores, check_replicas, parse_devices, split_cores
+from .placement import assign, check_replicas, parse_devices
 from .procs import Slot, SlotSpec
 from .states import LIVE, SERVING, WorkerState
 
-THROUGHPUT_WINDOW = 60.0
+# Slots that are supposed to be serving but cannot: they make a pool `degraded`.
+UNHEALTHY = {WorkerState.DEAD, WorkerState.STUCK, WorkerState.RESTARTING, WorkerState.FAILED,
+             WorkerState.STARTING, WorkerState.LOADING}
 
 
 class Pool:
@@ -24,13 +24,20 @@ class Pool:
         self.desired = len(self.groups) if cfg.replicas is None else cfg.replicas
         check_replicas(len(self.groups), self.desired, cfg.tp, self.device_set)
         self.slots: dict[int, Slot] = {}
-        self.queue: deque = deque()
-        self.completed = 0
-        self.failed = 0
-        self._done_times: deque = deque()  # completion times within the throughput window
+        self.cores: list[list[int]] = []  # one share per rank it can run (placement.pool_cores)
         self._rr = 0
 
     # ------------------------------------------------------------------ specs
+
+    @property
+    def rank_capacity(self) -> int:
+        """Ranks the pool can ever run: one slot per device group, `tp` ranks each."""
+        return len(self.groups) * self.cfg.tp
+
+    def slot_cores(self, index: int) -> list:
+        """Slot `index`'s shares of the pool's cores, one per rank (empty before cores are given)."""
+        tp = self.cfg.tp
+        return self.cores[index * tp:(index + 1) * tp]
 
     def slot_spec(self, index: int, cores: list) -> SlotSpec:
         cfg = self.cfg
@@ -58,6 +65,10 @@ class Pool:
             self._rr = (self._rr + 1) % max(n, 1)
         return best
 
+    def health(self) -> str:
+        """`ready`, `degraded` or `unavailable`: see `pool_health`."""
+        return pool_health([s.state for s in self.slots.values()])
+
     def can_ever_serve(self) -> bool:
         """False when no slot is alive or coming back: jobs would wait forever (`unavailable`)."""
         return any(s.state in LIVE or s.state in (WorkerState.DEAD, WorkerState.RESTARTING)
@@ -79,30 +90,22 @@ class Pool:
                                  f"{len(free)} device group(s) are free (others are still draining)")
             return free[:need], []
         # Drain the least useful first: failed/restarting, then the least loaded, newest first.
-        order = sorted(live, key=lambda s: (s.state in SERVING, len(s.inflight), -s.spec.index))
+        order = sorted(live, key=lambda s: (s.state in SERVING, s.load.held, -s.spec.index))
         return [], order[:len(live) - replicas]
 
-    def cores_for(self, n_ranks: int, total_slots: int, index: int) -> list:
-        """This slot's share of the CPU cores, one list per rank."""
-        per_rank = split_cores(available_cores(), max(total_slots * n_ranks, 1))
-        start = index * n_ranks
-        return [per_rank[(start + r) % len(per_rank)] for r in range(n_ranks)]
 
-    # ------------------------------------------------------------------ accounting
+def pool_health(states: list) -> str:
+    """`ready`: every slot it runs serves; `degraded`: at least one serves, but some are dead, stuck,
+    restarting, failed or still starting; `unavailable`: none can take jobs.
 
-    def record_done(self, ok: bool) -> None:
-        now = time.monotonic()
-        if ok:
-            self.completed += 1
-        else:
-            self.failed += 1
-        self._done_times.append(now)
-        while self._done_times and self._done_times[0] < now - THROUGHPUT_WINDOW:
-            self._done_times.popleft()
+    Draining slots (scale-down) are neither: they are on their way out by choice; stopped ones are gone.
 
-    def throughput(self) -> float:
-        """Jobs finished per second over the last minute."""
-        now = time.monotonic()
-        while self._done_times and self._done_times[0] < now - THROUGHPUT_WINDOW:
-            self._done_times.popleft()
-        return len(self._done_times) / THROUGHPUT_WINDOW
+    >>> S = WorkerState
+    >>> pool_health([S.READY, S.DRAINING]), pool_health([S.BUSY, S.DEAD]), pool_health([S.DRAINING])
+    ('ready', 'degraded', 'unavailable')
+    """
+    if not any(s in SERVING for s in states):
+        return "unavailable"
+    if any(s in UNHEALTHY for s in states):
+        return "degraded"
+    return "ready"

@@ -9,6 +9,7 @@ import os
 import time
 from dataclasses import dataclass, field
 
+from .jobtable import SlotLoad
 from .launcher import RankHandle, RankLaunch, SlotHandle, SlotLaunch
 from .placement import cuda_visible
 from .states import WORKER_TRANSITIONS, WorkerState, move
@@ -81,15 +82,12 @@ class Slot:
         self.procs: list[Proc] = []
         self.capacity = 0
         self.replay_safe = True
-        self.inflight: dict = {}  # jid -> Job, including jobs already finalised (awaiting the worker)
-        self.restarts = 0
+        self.load = SlotLoad()  # the jobs it holds credits for (owned by the JobTable)
         self.consecutive_failures = 0
         self.last_exit_reason: str | None = None
         self.restart_at = 0.0
         self.ready_at: float | None = None
         self.state_since = time.monotonic()
-        self.completed = 0
-        self.failed = 0
         self.info: dict = {}
         self.group_info: dict | None = None  # TP rendezvous info from rank 0 (this incarnation)
         self.stop_reason: str | None = None  # set when we stop it on purpose
@@ -102,7 +100,7 @@ class Slot:
 
     @property
     def credits(self) -> int:
-        return self.capacity - len(self.inflight)
+        return self.capacity - self.load.held
 
     @property
     def leader(self) -> Proc | None:

@@ -1,9 +1,10 @@
 """Prometheus metrics for `orchestrator serve --metrics-port P` (P = 0 picks a free port).
 
 Counters and histograms are updated by the coordinator's hooks as jobs end; gauges are copied from
-coordinator state in `tick()`, at most every REFRESH seconds. prometheus_client answers scrapes on its
+a snapshot in `tick()`, at most every REFRESH seconds. prometheus_client answers scrapes on its
 own thread, and that thread only ever reads the metric objects (each has its own lock). It never walks
-the coordinator's pools, slots or jobs: those belong to the event loop, so the loop publishes.
+the coordinator's pools, slots or jobs: those belong to the event loop, so the loop publishes, from a
+snapshot (snapshot.py) it builds.
 
 Every metric is documented in README.md ("Metrics").
 """
@@ -11,6 +12,7 @@ from __future__ import annotations
 
 import logging
 import time
+from typing import Callable
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, start_http_server
 
@@ -106,13 +108,13 @@ class PrometheusMetrics:
                               "reports it", ["pool", "worker", "device"])
         self.gpu_total = gauge("orchestrator_gpu_memory_total_bytes", "GPU memory in total",
                                ["pool", "worker", "device"])
-        self.worker_node = gauge("orchestrator_worker_node", "1 for where the worker slot runs: its host, "
-                                 "and its Ray node id (empty when launched locally)",
+        self.worker_node = gauge("orchestrator_worker_node", "1 for each host and Ray node a worker slot's "
+                                 "live ranks run on (node empty when launched locally)",
                                  ["pool", "worker", "host", "node"])
 
     # ------------------------------------------------------------------ lifecycle
 
-    def start(self, coord) -> None:
+    def start(self, snapshot: Callable) -> None:
         """Bind the HTTP endpoint (port 0 picks a free one: read `url`). Raises ValueError if it can't."""
         try:
             self._server, self._thread = start_http_server(self.port, addr=self.host, registry=self.registry)
@@ -121,7 +123,7 @@ class PrometheusMetrics:
         host, port = self._server.server_address[:2]
         self.url = f"http://{f'[{host}]' if ':' in host else host}:{port}/metrics"
         log.info("metrics: serving on %s", self.url)
-        self.tick(coord, time.monotonic())
+        self.tick(snapshot, time.monotonic())
 
     def stop(self) -> None:
         """Close the HTTP endpoint. Idempotent; safe if `start()` never ran."""
@@ -156,43 +158,42 @@ class PrometheusMetrics:
     def worker_restart(self, pool: str, slot: str) -> None:
         self.restarts.labels(pool, slot).inc()
 
-    def tick(self, coord, now: float) -> None:
+    def tick(self, snapshot: Callable, now: float) -> None:
+        """Refresh the gauges from `snapshot()` (a snapshot.Snapshot), at most every REFRESH s."""
         if now < self._next_refresh:
             return
         self._next_refresh = now + REFRESH
-        self._refresh_pools(coord)
-        self._refresh_workers(coord, now)
+        snap = snapshot()
+        self._refresh_pools(snap)
+        self._refresh_workers(snap)
 
     # ------------------------------------------------------------------ gauges
 
-    def _refresh_pools(self, coord) -> None:
+    def _refresh_pools(self, snap) -> None:
         depth, inflight, health = {}, {}, {}
-        for name, pool in coord.pools.items():
-            depth[(name,)] = len(pool.queue)
-            inflight[(name,)] = sum(1 for s in pool.slots.values() for j in s.inflight.values()
-                                    if not j.finished)
-            current = views.pool_health(pool)
-            health.update({(name, h): int(h == current) for h in POOL_HEALTH})
+        for name, pool in snap.pools.items():
+            depth[(name,)] = pool.queued
+            inflight[(name,)] = pool.running
+            health.update({(name, h): int(h == pool.health) for h in POOL_HEALTH})
         self.queue_depth.publish(depth)
         self.inflight.publish(inflight)
         self.pool_health.publish(health)
 
-    def _refresh_workers(self, coord, now: float) -> None:
+    def _refresh_workers(self, snap) -> None:
         state, inflight, hb, step, rss, used, total, where = {}, {}, {}, {}, {}, {}, {}, {}
-        for name, pool in coord.pools.items():
-            for slot in pool.slots.values():
-                w = views.slot_view(slot, now)
-                key = (name, slot.name)
-                state.update({(*key, s.value): int(s == slot.state) for s in WorkerState})
-                inflight[key] = w["inflight"]
-                if w["host"] is not None:
-                    where[(*key, w["host"], w["node"] or "")] = 1
-                if w["heartbeat_age"] is not None:  # no live process: no heartbeat to age
-                    hb[key] = w["heartbeat_age"]
-                    step[key] = w["step_age"] or 0.0
-                if w["rss_bytes"] is not None:
-                    rss[key] = w["rss_bytes"]
-                for g in w["gpu_memory"]:
+        for name, pool in snap.pools.items():
+            for w in pool.workers:
+                v = views.worker_view(w)
+                key = (name, w.name)
+                state.update({(*key, s.value): int(s == w.state) for s in WorkerState})
+                inflight[key] = v["inflight"]
+                where.update({(*key, r["host"] or "", r["node"] or ""): 1 for r in v["ranks"] if r["alive"]})
+                if v["heartbeat_age"] is not None:  # no live process: no heartbeat to age
+                    hb[key] = v["heartbeat_age"]
+                    step[key] = v["step_age"] or 0.0
+                if v["rss_bytes"] is not None:
+                    rss[key] = v["rss_bytes"]
+                for g in v["gpu_memory"]:
                     used[(*key, str(g["device"]))] = g["used_bytes"]
                     total[(*key, str(g["device"]))] = g["total_bytes"]
         for gauge, values in ((self.worker_state, state), (self.worker_inflight, inflight),

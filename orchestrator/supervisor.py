@@ -17,7 +17,7 @@ import time
 from typing import Callable
 
 from protocol.messages import WGroupInfo, WPing, WStop
-from .launcher import ExitEvent, Launcher, SlotHandle
+from .launcher import ExitEvent, LaunchError, Launcher, SlotHandle
 from .logs import ids
 from .procs import Proc, Slot, slot_launch
 from .states import LIVE, SERVING, WorkerState as S
@@ -57,9 +57,15 @@ class Supervisor:
         slot.capacity = 0
         slot.group_info = None  # each incarnation rendezvouses anew
         slot.stop_reason = None
+        slot.handle = None
         slot.set_state(S.STARTING)
         launch = slot_launch(slot.spec, slot.incarnation, self.endpoint, self.cfg)
-        slot.handle = self.launcher.start(launch)
+        try:
+            slot.handle = self.launcher.start(launch)
+        except LaunchError as e:
+            self.fail(slot, f"launch failed: {e}")
+            self._settle(slot)  # nothing runs: restart (after backoff) or fail for good at once
+            return
         self.by_handle[slot.handle] = slot
         for r in launch.ranks:
             proc = Proc(r.rank, r.wid, slot.incarnation, slot.handle.ranks[r.rank])
@@ -120,10 +126,16 @@ class Supervisor:
 
     def on_job_settled(self, slot: Slot) -> None:
         """A job left the slot: update BUSY/READY and finish a drain."""
-        if slot.state == S.BUSY and not slot.inflight:
+        if slot.state == S.BUSY and not slot.load.held:
             slot.set_state(S.READY)
-        elif slot.state == S.DRAINING and not slot.inflight and not slot.stopping:
+        elif slot.state == S.DRAINING and not slot.load.held and not slot.stopping:
             self._send_stop(slot, slot.stop_reason or "drained")
+
+    def send_leader(self, slot: Slot, msg) -> None:
+        """Send rank 0 of the slot a control message, if that process is still ours."""
+        leader = slot.leader
+        if leader is not None and leader.ctl_id in self.by_id:
+            self.send(leader.ctl_id, msg)
 
     # ------------------------------------------------------------------ failure
 

@@ -34,9 +34,11 @@ def _pool_rows(st: dict) -> list:
 
 
 def _where(w: dict) -> str:
-    """`host`, or `host/node` (first 8 characters of the Ray node id) for a Ray-placed worker."""
-    host, node = w.get("host") or "-", w.get("node")
-    return f"{host}/{node[:8]}" if node else host
+    """Its hosts, each with the first 8 characters of its Ray node id for a Ray-placed worker."""
+    hosts, nodes = w.get("hosts") or [], w.get("nodes") or []
+    if nodes:
+        return ",".join(f"{h}/{n[:8]}" for h, n in zip(hosts * len(nodes), nodes))
+    return ",".join(hosts) or "-"
 
 
 def _worker_row(w: dict) -> list:

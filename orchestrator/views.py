@@ -1,111 +1,80 @@
-"""`status` and `health` answers, built from coordinator state alone (workers are never asked).
+"""`status` and `health` answers, rendered from a `Snapshot` (snapshot.py) alone.
 
-Both run on the event loop between two socket reads, so they only read in-memory state: no I/O, no
-locks, no waiting on a worker. That is why they answer while every worker is busy or hung.
+The snapshot is built on the event loop from in-memory state, so these answer while every worker is
+busy or hung: no I/O, no locks, no waiting on a worker.
 """
 from __future__ import annotations
 
-import os
-import time
-
-from .states import LIVE, SERVING, WorkerState as WS
-
-# Slots that are supposed to be serving but cannot: they make a pool `degraded`.
-UNHEALTHY = {WS.DEAD, WS.STUCK, WS.RESTARTING, WS.FAILED, WS.STARTING, WS.LOADING}
+from .snapshot import PoolSnapshot, RankSnapshot, Snapshot, WorkerSnapshot
+from .states import WorkerState as WS
 
 
-def _rounded(v: float | None) -> float | None:
-    return None if v is None else round(v, 3)
+def _rank_view(r: RankSnapshot) -> dict:
+    return {"rank": r.rank, "pid": r.pid, "alive": r.alive, "host": r.host, "node": r.node,
+            "heartbeat_age": r.heartbeat_age, "step_age": r.step_age, "rss_bytes": r.rss_bytes,
+            "gpu_memory": r.gpu_memory, "guard": r.guard}
 
 
-def _proc_view(p, now: float) -> dict:
-    stats = p.stats or {}
-    return {"rank": p.rank, "pid": p.handle.pid, "alive": p.alive,
-            "host": p.handle.host, "node": p.handle.node,
-            "heartbeat_age": round(now - p.last_seen, 3) if p.alive else None,
-            "step_age": _rounded(p.current_step_age(now)) if p.alive else None,
-            "rss_bytes": stats.get("rss_bytes"), "gpu_memory": stats.get("gpu") or [],
-            "guard": stats.get("guard")}  # TP ranks: collective guard cost per step (worker/guard.py)
-
-
-def _oldest(procs: list, key: str) -> float | None:
+def _oldest(ranks: list, key: str) -> float | None:
     """The worst (largest) age over a slot's live ranks: a TP group is as alive as its slowest rank."""
-    return max((p[key] for p in procs if p[key] is not None), default=None)
+    return max((getattr(r, key) for r in ranks if getattr(r, key) is not None), default=None)
 
 
-def slot_view(slot, now: float) -> dict:
-    procs = [_proc_view(p, now) for p in slot.procs]
-    live = [p for p in procs if p["alive"]]
-    rss = [p["rss_bytes"] for p in live if p["rss_bytes"] is not None]
+def worker_view(w: WorkerSnapshot) -> dict:
+    live = [r for r in w.ranks if r.alive]
+    rss = [r.rss_bytes for r in live if r.rss_bytes is not None]
     return {
-        "name": slot.name,
-        "state": slot.state.value,
-        "devices": list(slot.spec.devices),
-        # Where it runs: this host (node None), or the Ray node the cluster placed it on.
-        "host": slot.handle.host if slot.handle else None,
-        "node": slot.handle.node if slot.handle else None,
-        "pids": [p["pid"] for p in live],
-        "inflight": len(slot.inflight),
-        "capacity": slot.capacity,
-        "completed": slot.completed,
-        "failed": slot.failed,
-        "restarts": max(slot.incarnation - 1, 0),
-        "last_exit_reason": slot.last_exit_reason,
+        "name": w.name,
+        "state": w.state.value,
+        "devices": list(w.devices),
+        "pids": [r.pid for r in live],
+        "hosts": sorted({r.host for r in live if r.host}),
+        "nodes": sorted({r.node for r in live if r.node}),  # Ray node ids; [] when launched locally
+        "inflight": w.running,  # running jobs; these add up to the pool's `inflight`
+        "awaiting_ack": w.awaiting_ack,  # ended jobs still holding a credit until the worker answers
+        "capacity": w.capacity,
+        "completed": w.completed,
+        "failed": w.failed,
+        "restarts": w.restarts,
+        "last_exit_reason": w.last_exit_reason,
         "heartbeat_age": _oldest(live, "heartbeat_age"),
         "step_age": _oldest(live, "step_age"),
-        "state_age": round(now - slot.state_since, 3),
+        "state_age": w.state_age,
         "rss_bytes": sum(rss) if rss else None,
-        "gpu_memory": [g for p in live for g in p["gpu_memory"]],
-        "ranks": procs,
-        "info": slot.info,
+        "gpu_memory": [g for r in live for g in r.gpu_memory],
+        "ranks": [_rank_view(r) for r in w.ranks],
+        "info": w.info,
     }
 
 
-def _slots(pool) -> list:
-    return sorted((s for s in pool.slots.values() if s.state != WS.STOPPED), key=lambda s: s.spec.index)
+def _shown(p: PoolSnapshot) -> list:
+    return [w for w in p.workers if w.state != WS.STOPPED]
 
 
-def pool_view(pool, now: float) -> dict:
-    slots = _slots(pool)
-    inflight = sum(1 for s in slots for j in s.inflight.values() if not j.finished)
+def pool_view(p: PoolSnapshot) -> dict:
     return {
-        "handler": pool.cfg.handler,
-        "tp": pool.cfg.tp,
-        "desired": pool.desired,
-        "health": pool_health(pool),
-        "queue_depth": len(pool.queue),
-        "inflight": inflight,
-        "completed": pool.completed,
-        "failed": pool.failed,
-        "throughput_1m": round(pool.throughput(), 3),
-        "workers": [slot_view(s, now) for s in slots],
+        "handler": p.handler,
+        "tp": p.tp,
+        "desired": p.desired,
+        "health": p.health,
+        "queue_depth": p.queued,
+        "inflight": p.running,
+        "completed": p.completed,
+        "failed": p.failed,
+        "throughput_1m": p.throughput_1m,
+        "workers": [worker_view(w) for w in _shown(p)],
     }
 
 
-def pool_health(pool) -> str:
-    """`ready`: every slot it runs serves; `degraded`: at least one serves, but some are dead, stuck,
-    restarting, failed or still starting; `unavailable`: none can take jobs.
-
-    Draining slots (scale-down) are neither: they are on their way out by choice.
-    """
-    slots = _slots(pool)
-    if not any(s.state in SERVING for s in slots):
-        return "unavailable"
-    if any(s.state in UNHEALTHY for s in slots):
-        return "degraded"
-    return "ready"
-
-
-def status(coord) -> dict:
-    now = time.monotonic()
+def status(snap: Snapshot) -> dict:
     return {
-        "state": coord.state.value,
-        "endpoint": coord.endpoint,
-        "pid": os.getpid(),
-        "uptime": round(now - coord.started_at, 3),
-        "jobs_unfinished": len(coord.jobs),
-        "rejected": dict(coord.rejected),
-        "pools": {name: pool_view(p, now) for name, p in coord.pools.items()},
+        "state": snap.state,
+        "endpoint": snap.endpoint,
+        "pid": snap.pid,
+        "uptime": snap.uptime,
+        "jobs_unfinished": snap.jobs_unfinished,
+        "rejected": snap.rejected,
+        "pools": {name: pool_view(p) for name, p in snap.pools.items()},
     }
 
 
@@ -113,25 +82,24 @@ HEALTH_KEYS = ("state", "state_age", "heartbeat_age", "step_age", "inflight", "r
                "last_exit_reason")
 
 
-def health(coord) -> dict:
+def health(snap: Snapshot) -> dict:
     """Liveness of the coordinator itself, readiness per pool, and per worker: state, heartbeat age
     (is it alive?) and step age (is it making progress?).
 
     A hung process shows a heartbeat age that grows until `heartbeat_timeout`, when it is declared
     dead; a worker in a long step shows a fresh heartbeat and a growing step age.
     """
-    now = time.monotonic()
     pools = {}
-    for name, pool in coord.pools.items():
+    for name, p in snap.pools.items():
         workers = {}
-        for s in _slots(pool):
-            v = slot_view(s, now)
-            workers[s.name] = {k: v[k] for k in HEALTH_KEYS}
-        pools[name] = {"status": pool_health(pool), "workers": workers}
+        for w in _shown(p):
+            v = worker_view(w)
+            workers[w.name] = {k: v[k] for k in HEALTH_KEYS}
+        pools[name] = {"status": p.health, "workers": workers}
     states = {p["status"] for p in pools.values()}
     overall = "ready" if states == {"ready"} else "unavailable" if states == {"unavailable"} else "degraded"
-    return {"alive": True, "state": coord.state.value, "status": overall,
-            "heartbeat_timeout": coord.cfg.hb_timeout, "pools": pools}
+    return {"alive": True, "state": snap.state, "status": overall,
+            "heartbeat_timeout": snap.heartbeat_timeout, "pools": pools}
 
 
-__all__ = ["status", "health", "slot_view", "pool_health", "LIVE"]
+__all__ = ["status", "health", "worker_view", "pool_view"]

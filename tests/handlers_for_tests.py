@@ -75,3 +75,15 @@ class FailLoadOnSlot0(Handler):
 
     def run(self, job: Job):
         return {"echo": job.input, "wid": self.ctx.wid}
+
+
+class HoldUntilFile(Handler):
+    """Holds each job until the file named in its input ({"until": path}) exists, and ignores cancel,
+    as a handler in a step it cannot interrupt: a cancelled job keeps its credit until it answers."""
+
+    capacity = 1
+
+    def run(self, job: Job):
+        while not os.path.exists(job.input["until"]):
+            time.sleep(0.01)
+        return {"done": True}

@@ -6,10 +6,13 @@ from __future__ import annotations
 import threading
 import time
 
-from orchestrator.config import ServerConfig
+from orchestrator.config import PoolConfig, ServerConfig
 from orchestrator.eventloop import EventLoop
-from orchestrator.launcher import LocalLauncher, LoopWaker
-from orchestrator.procs import SlotSpec, slot_launch
+from orchestrator.launcher import LaunchError, LocalLauncher, LoopWaker
+from orchestrator.metrics import NullMetrics
+from orchestrator.procs import Slot, SlotSpec, slot_launch
+from orchestrator.states import WorkerState as WS
+from orchestrator.supervisor import Supervisor
 
 
 def _launcher(tmp_path):
@@ -73,3 +76,27 @@ def test_loop_waker_runs_posted_callbacks_on_the_loop_thread():
         assert ran == [(0, True), (1, True), (2, True)]
     finally:
         waker.close()
+
+
+class NoRoomLauncher(LocalLauncher):
+    """A launcher that cannot place the slot, as a cluster with no free GPUs: every start refuses."""
+
+    def start(self, launch):
+        raise LaunchError(f"no node has room for {len(launch.ranks)} rank(s) of {launch.name}")
+
+
+def test_a_refused_launch_fails_the_slot_and_spends_its_restart_budget(tmp_path):
+    loop, downs = EventLoop(), []
+    sup = Supervisor(ServerConfig(), f"ipc://{tmp_path}/w.sock", lambda *a: None, NoRoomLauncher(), loop,
+                     lambda slot, reason, code: downs.append(reason), lambda slot: None, NullMetrics())
+    cfg = PoolConfig(name="p", max_restarts=2, restart_backoff=0.01)
+    slot = Slot(SlotSpec(pool="p", index=0, devices=("cpu0",), handler="echo", config={}))
+    sup.start_slot(slot, cfg)
+    assert slot.state == WS.RESTARTING  # failed at once, restart scheduled after the backoff
+    assert slot.last_exit_reason == "launch failed: no node has room for 1 rank(s) of p/0"
+    end = time.monotonic() + 30
+    while slot.state != WS.FAILED and time.monotonic() < end:
+        loop.poll(0.02)
+        sup.tick([slot], time.monotonic())
+    assert slot.state == WS.FAILED and slot.incarnation == 3  # the first start and 2 restarts
+    assert downs == [slot.last_exit_reason] * 3

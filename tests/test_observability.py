@@ -26,7 +26,7 @@ from orchestrator.config import PoolConfig
 from orchestrator.pools import Pool
 from orchestrator.procs import Slot
 from orchestrator.states import WorkerState as WS
-from orchestrator.views import pool_health
+from orchestrator.pools import pool_health
 from tests.conftest import REPO, poll_until
 
 LONG_MS = 600_000  # a job that never ends by itself within a test: cancelled, or killed at teardown
@@ -124,7 +124,7 @@ def slots_in(states: list) -> Pool:
     ([WS.DRAINING], "unavailable"),
 ])
 def test_pool_health_follows_slot_states(states, expected):
-    assert pool_health(slots_in(states)) == expected
+    assert slots_in(states).health() == pool_health(states) == expected
 
 
 # ---------------------------------------------------------------------------- health while busy

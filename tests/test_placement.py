@@ -8,7 +8,7 @@ import pytest
 from orchestrator import placement
 from orchestrator.config import PoolConfig
 from orchestrator.placement import (
-    DeviceSet, assign, check_replicas, cuda_visible, parse_devices, split_cores, visible_gpus,
+    DeviceSet, assign, check_replicas, cuda_visible, parse_devices, pool_cores, split_cores, visible_gpus,
 )
 from orchestrator.pools import Pool
 
@@ -149,6 +149,36 @@ def test_split_cores_covers_every_worker_evenly(cores, n):
 
 def test_split_cores_for_no_workers():
     assert split_cores([0, 1], 0) == []
+
+
+def _pools_with_cores(cores: list) -> dict:
+    pools = {c.name: Pool(c) for c in (
+        PoolConfig(name="gen", devices="0,1,2,3", tp=2, replicas=1),  # room for 2 slots, starts 1
+        PoolConfig(name="emb", devices="cpu:3"))}
+    shares = pool_cores(cores, {p.name: p.rank_capacity for p in pools.values()})
+    for pool in pools.values():
+        pool.cores = shares[pool.name]
+    return pools
+
+
+def test_scale_up_slot_never_gets_another_pools_cores():
+    pools = _pools_with_cores(list(range(14)))
+    gen, emb = pools["gen"], pools["emb"]
+    # What a scale-up of gen to 2 starts (slot 1) against what emb's slots were started with.
+    scaled = {c for rank in gen.slot_spec(1, gen.slot_cores(1)).cores for c in rank}
+    started = {c for i in range(3) for rank in emb.slot_spec(i, emb.slot_cores(i)).cores for c in rank}
+    assert scaled and started and not scaled & started
+    # Every rank of every slot either pool can ever run holds its own cores; all cores are used.
+    every = [rank for p in pools.values() for i in range(len(p.groups)) for rank in p.slot_cores(i)]
+    flat = [c for rank in every for c in rank]
+    assert len(every) == 4 + 3 and sorted(flat) == list(range(14))
+
+
+def test_slot_cores_are_the_same_at_start_and_at_scale():
+    pools = _pools_with_cores(list(range(8)))
+    gen = pools["gen"]
+    assert gen.slot_cores(0) == [[0, 1], [2]] and gen.slot_cores(1) == [[3], [4]]
+    assert len(gen.slot_cores(1)) == gen.cfg.tp  # one share per rank
 
 
 @pytest.mark.parametrize("devices, value", [

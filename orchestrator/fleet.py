@@ -1,0 +1,61 @@
+"""The pools' slots as desired state: start them all, scale a pool, stop them all.
+
+`scale(pool, n)` edits the desired count, and one reconcile step starts what is missing and drains what
+is extra. The Pool decides which indices (`plan_scale`); the Supervisor runs each slot's lifecycle.
+"""
+from __future__ import annotations
+
+import logging
+
+from .placement import available_cores, pool_cores
+from .pools import Pool
+from .procs import Slot
+from .states import WorkerState as WS
+
+log = logging.getLogger("orchestrator.coordinator")
+
+
+class Fleet:
+    def __init__(self, pools: dict, sup):
+        self.pools, self.sup = pools, sup
+
+    def slots(self) -> list[Slot]:
+        return [s for p in self.pools.values() for s in p.slots.values()]
+
+    def start(self) -> None:
+        """Split the CPU cores once over every rank the pools can ever run, then start each pool's
+        desired slots."""
+        shares = pool_cores(available_cores(), {p.name: p.rank_capacity for p in self.pools.values()})
+        for pool in self.pools.values():
+            pool.cores = shares[pool.name]
+        for pool in self.pools.values():
+            for index in range(pool.desired):
+                self._start_slot(pool, index)
+
+    def _start_slot(self, pool: Pool, index: int) -> None:
+        slot = pool.slots.get(index)
+        if slot is None or slot.state == WS.STOPPED:
+            slot = Slot(pool.slot_spec(index, pool.slot_cores(index)))
+            pool.slots[index] = slot
+        self.sup.start_slot(slot, pool.cfg)
+
+    def scale(self, pool: Pool, replicas: int) -> None:
+        """Set the desired replica count and reconcile at once. Raises ValueError, changing nothing,
+        when the pool's free devices cannot hold it."""
+        start, drain = pool.plan_scale(replicas)
+        pool.desired = replicas
+        for index in start:
+            self._start_slot(pool, index)
+        for slot in drain:
+            self.sup.drain_slot(slot, f"scale {pool.name} to {replicas}")
+        log.info("pool %s: scale to %d (start %s, drain %s)", pool.name, replicas, start,
+                 [s.name for s in drain], extra={"pool": pool.name})
+
+    def stop(self, reason: str) -> None:
+        """Staged stop of every slot; no restarts from here on."""
+        self.sup.stopping = True
+        for slot in self.slots():
+            self.sup.stop_slot(slot, reason)
+
+    def stopped(self) -> bool:
+        return all(s.state == WS.STOPPED for s in self.slots())
