@@ -34,11 +34,10 @@ def _pool_rows(st: dict) -> list:
 
 
 def _where(w: dict) -> str:
-    """Its hosts, each with the first 8 characters of its Ray node id for a Ray-placed worker."""
-    hosts, nodes = w.get("hosts") or [], w.get("nodes") or []
-    if nodes:
-        return ",".join(f"{h}/{n[:8]}" for h, n in zip(hosts * len(nodes), nodes))
-    return ",".join(hosts) or "-"
+    """Its host(s); for a Ray-placed worker also its node id(s) (first 8 characters): `vm/f7513409`."""
+    hosts = ",".join(w.get("hosts") or []) or "-"
+    nodes = ",".join(n[:8] for n in w.get("nodes") or [])
+    return f"{hosts}/{nodes}" if nodes else hosts
 
 
 def _worker_row(w: dict) -> list:

@@ -143,7 +143,7 @@ def test_placement_two_workers_per_node_with_distinct_devices(cluster, tmp_path,
     assert len(per_node) == 2 and all(sorted(v) == ["0", "1"] for v in per_node.values()), per_node
     status = {w["name"]: w for w in s.workers("env")}
     for o in outs.values():  # status shows the node each worker runs on, and its pid
-        assert status[o["wid"]]["node"] == o["node"]
+        assert status[o["wid"]]["nodes"] == [o["node"]]
         assert status[o["wid"]]["pids"] == [o["pid"]]
     assert s.status()["pools"]["env"]["health"] == "ready"
 
@@ -158,9 +158,9 @@ def test_tp_groups_stay_within_one_node_and_all_reduce(cluster, tmp_path, server
     groups = s.workers("tp")
     assert len(groups) == 2
     for g in groups:
-        ranks_nodes = {r["node"] for r in g["ranks"]}
-        assert len(ranks_nodes) == 1 and g["node"] in gpu_nodes(), g  # STRICT_PACK: one node per group
-    assert {g["node"] for g in groups} == gpu_nodes()  # 2 GPUs per node: one group each
+        assert len(g["nodes"]) == 1 and g["nodes"][0] in gpu_nodes(), g  # STRICT_PACK: one node per group
+        assert {r["node"] for r in g["ranks"]} == set(g["nodes"])
+    assert {g["nodes"][0] for g in groups} == gpu_nodes()  # 2 GPUs per node: one group each
 
 
 def test_too_few_resources_is_a_clear_error_and_leaves_nothing(cluster, tmp_path):
@@ -189,7 +189,7 @@ def test_scale_up_and_down_on_the_cluster(cluster, tmp_path, servers):
     c.scale("echo", 4)
     poll_until(lambda: sum(w["state"] == "ready" for w in s.workers("echo")) == 4, START_S, 0.2,
                "4 ready workers after scale-up")
-    assert {w["node"] for w in s.workers("echo")} == gpu_nodes()
+    assert {n for w in s.workers("echo") for n in w["nodes"]} == gpu_nodes()
     c.scale("echo", 2)
     poll_until(lambda: len(s.workers("echo")) == 2, 60, 0.2, "scale-down to 2")
     assert c.run("echo", [1, 2], timeout=30) == [1, 2]
@@ -283,7 +283,7 @@ def test_generate_on_ray_cpu_matches_a_local_pool(cluster, tmp_path, servers, tm
     jobs = [c.submit("gen", {"prompt": p, "max_new_tokens": 12}) for p in prompts]
     got = [j.result(120)["token_ids"] for j in jobs]
     assert got == want
-    assert all(w["node"] for w in remote.workers("gen"))
+    assert all(w["nodes"] for w in remote.workers("gen"))
 
 
 def test_node_loss_requeues_every_job_once_and_slots_come_back(cluster, tmp_path, servers):
@@ -291,8 +291,8 @@ def test_node_loss_requeues_every_job_once_and_slots_come_back(cluster, tmp_path
                                  'capacity = 8\n')
     servers.append(s)
     workers = s.workers("echo")
-    victim_node = workers[0]["node"]
-    lost = sorted(w["name"] for w in workers if w["node"] == victim_node)
+    victim_node = workers[0]["nodes"][0]
+    lost = sorted(w["name"] for w in workers if w["nodes"] == [victim_node])
     assert len(lost) == 2
     victim = next(n for n in cluster.worker_nodes if n.node_id == victim_node)
     c = s.client()
@@ -324,8 +324,8 @@ def test_node_loss_requeues_every_job_once_and_slots_come_back(cluster, tmp_path
     new = cluster.add_node(**NODE)
     poll_until(lambda: sum(w["state"] == "ready" for w in s.workers("echo")) == 4, START_S, 0.2,
                "the lost slots to come back on the new node")
-    back = {w["name"]: w["node"] for w in s.workers("echo") if w["name"] in lost}
-    assert set(back.values()) == {new.node_id}, back
+    back = {w["name"]: w["nodes"] for w in s.workers("echo") if w["name"] in lost}
+    assert all(nodes == [new.node_id] for nodes in back.values()), back
     assert s.client().run("echo", "after", timeout=30) == "after"
 
 
