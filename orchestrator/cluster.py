@@ -18,7 +18,8 @@ def make_launcher(cfg, run_dir: str, keys: WorkerKeys | None) -> Launcher:
         return LocalLauncher()
     from .ray_launcher import RayLauncher
 
-    launcher = RayLauncher(cfg.ray, os.path.basename(run_dir), cfg.placement_timeout, keys.worker)
+    launcher = RayLauncher(cfg.ray, os.path.basename(run_dir), cfg.placement_timeout, keys.worker,
+                           forward_output=cfg.log_format == "text")
     launcher.connect()
     return launcher
 

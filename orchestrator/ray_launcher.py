@@ -75,9 +75,13 @@ class RayLauncher(Launcher):
     """Construct cheaply; `connect()` joins the cluster; `reserve()` places the first slots (all or none);
     then the `Launcher` methods as usual."""
 
-    def __init__(self, address: str, run_id: str, placement_timeout: float, keys: CurveClientKeys):
+    def __init__(self, address: str, run_id: str, placement_timeout: float, keys: CurveClientKeys,
+                 forward_output: bool = True):
         super().__init__()
         self.address = address
+        # Ray prints the actors' output (the workers' lines) on our stderr, as plain text; with JSON logs
+        # it stays in the nodes' Ray logs, and each exit still quotes the worker's last lines.
+        self.forward_output = forward_output
         self.keys = keys  # the run's worker key pair and the worker socket's public key, for every spec
         self.run_id = run_id  # names this run's actors and placement groups in Ray
         self.placement_timeout = placement_timeout
@@ -101,7 +105,7 @@ class RayLauncher(Launcher):
         try:
             # The actors fate-share with this driver: when the coordinator dies, Ray ends its job and
             # kills them (and they their workers).
-            ray.init(address=address or "auto", namespace="orchestrator", log_to_driver=True,
+            ray.init(address=address or "auto", namespace="orchestrator", log_to_driver=self.forward_output,
                      logging_level=logging.WARNING, configure_logging=False)
         except (ConnectionError, RuntimeError, ValueError) as e:
             raise ValueError(f"cannot join the Ray cluster at {self.address!r}: {e}") from None

@@ -33,8 +33,6 @@ from tests.model_fixtures import make_tiny_llama
 ray = pytest.importorskip("ray")
 from ray.cluster_utils import Cluster  # noqa: E402
 
-pytestmark = pytest.mark.slow
-
 NODE = {"num_cpus": 2, "num_gpus": 2}
 START_S = 120.0  # a loaded 2-core machine: Ray starts a Python process per actor, then the worker's
 
@@ -117,6 +115,23 @@ print("LOADED", loaded)
     assert "LOADED []" in out.stdout, out.stdout
 
 
+def test_cluster_table_and_ray_mode_rules(tmp_path):
+    from orchestrator.config import load_toml, validate
+
+    path = tmp_path / "c.toml"
+    path.write_text('[cluster]\nray = "auto"\nworker_address = "10.0.0.5"\nplacement_timeout = 7.5\n'
+                    '[pools.gen]\nhandler = "echo"\ndevices = "ray-cpu:2"\n')
+    cfg = load_toml(str(path))
+    validate(cfg)
+    assert (cfg.ray, cfg.worker_address, cfg.placement_timeout) == ("auto", "10.0.0.5", 7.5)
+    path.write_text('[cluster]\nray = "auto"\nport = 1\n[pools.gen]\nhandler = "echo"\n')
+    with pytest.raises(ValueError, match=r"\[cluster\]: unknown key\(s\) \['port'\]"):
+        load_toml(str(path))
+    path.write_text('[cluster]\nray = "auto"\n[pools.gen]\nhandler = "echo"\ndevices = "cpu:2"\n')
+    with pytest.raises(ValueError, match="every pool runs on the cluster: give pool\\(s\\) gen \\(cpu:2\\)"):
+        validate(load_toml(str(path)))
+
+
 def test_ray_devices_need_ray_mode(tmp_path):
     out = subprocess.run([sys.executable, "-m", "orchestrator", "serve", "--handler", "echo", "--devices",
                           "ray:2"], capture_output=True, text=True, timeout=60,
@@ -128,6 +143,7 @@ def test_ray_devices_need_ray_mode(tmp_path):
 # ---------------------------------------------------------------------------- on the cluster
 
 
+@pytest.mark.slow
 def test_placement_two_workers_per_node_with_distinct_devices(cluster, tmp_path, servers):
     s = start(tmp_path, cluster, '[pools.env]\nhandler = "env"\ndevices = "ray:4"\n')
     servers.append(s)
@@ -148,6 +164,7 @@ def test_placement_two_workers_per_node_with_distinct_devices(cluster, tmp_path,
     assert s.status()["pools"]["env"]["health"] == "ready"
 
 
+@pytest.mark.slow
 def test_tp_groups_stay_within_one_node_and_all_reduce(cluster, tmp_path, servers):
     s = start(tmp_path, cluster, '[pools.tp]\nhandler = "tp_allreduce"\ndevices = "ray:4"\ntp = 2\n')
     servers.append(s)
@@ -163,6 +180,7 @@ def test_tp_groups_stay_within_one_node_and_all_reduce(cluster, tmp_path, server
     assert {g["nodes"][0] for g in groups} == gpu_nodes()  # 2 GPUs per node: one group each
 
 
+@pytest.mark.slow
 def test_too_few_resources_is_a_clear_error_and_leaves_nothing(cluster, tmp_path):
     run_parent = tmp_path / "runs"
     run_parent.mkdir()
@@ -182,6 +200,31 @@ def test_too_few_resources_is_a_clear_error_and_leaves_nothing(cluster, tmp_path
     assert not glob.glob(str(run_parent / "orchestrator-*"))
 
 
+@pytest.mark.slow
+def test_placement_timeout_when_the_cluster_is_busy(cluster, tmp_path, servers):
+    """The nodes could hold the pool, but another run holds their GPUs: the placement groups are not
+    ready within placement_timeout, and serve stops with what was asked, leaving nothing placed."""
+    busy = start(tmp_path / "busy", cluster, '[pools.env]\nhandler = "env"\ndevices = "ray:4"\n')
+    servers.append(busy)
+    run_parent = tmp_path / "runs"
+    run_parent.mkdir()
+    config = tmp_path / "serve.toml"
+    config.write_text(f'[server]\nrun_dir = "{run_parent}"\n[cluster]\nray = "{cluster.address}"\n'
+                      f'worker_address = "127.0.0.1"\nplacement_timeout = 3.0\n'
+                      f'[pools.two]\nhandler = "echo"\ndevices = "ray:2"\n')
+    out = subprocess.run([sys.executable, "-m", "orchestrator", "serve", "--config", str(config)],
+                         capture_output=True, text=True, timeout=120, env={**os.environ, "PYTHONPATH": REPO},
+                         cwd=REPO)
+    assert out.returncode == 2, out.stderr
+    last = out.stderr.strip().splitlines()[-1]
+    assert "asked for 2 slot(s) of 1 GPU on one node" in last and "not ready within 3 s" in last, last
+    names = {pg.get("name") or "" for pg in ray.util.placement_group_table().values()
+             if pg["state"] != "REMOVED"}
+    assert not [n for n in names if n.startswith("orchestrator-") and ":two/" in n], names
+    assert busy.client().run("env", {}, timeout=30)["node"] in gpu_nodes()  # the other run is untouched
+
+
+@pytest.mark.slow
 def test_scale_up_and_down_on_the_cluster(cluster, tmp_path, servers):
     s = start(tmp_path, cluster, '[pools.echo]\nhandler = "echo"\ndevices = "ray:4"\nreplicas = 1\n')
     servers.append(s)
@@ -195,6 +238,7 @@ def test_scale_up_and_down_on_the_cluster(cluster, tmp_path, servers):
     assert c.run("echo", [1, 2], timeout=30) == [1, 2]
 
 
+@pytest.mark.slow
 def test_a_connection_without_the_runs_key_gets_nothing(cluster, tmp_path, servers):
     s = start(tmp_path, cluster, '[pools.echo]\nhandler = "echo"\ndevices = "ray-cpu:1"\n')
     servers.append(s)
@@ -267,6 +311,7 @@ def _handshake(sock, mon, timeout: float = 20.0) -> str:
         mon.close(linger=0)
 
 
+@pytest.mark.slow
 def test_generate_on_ray_cpu_matches_a_local_pool(cluster, tmp_path, servers, tmp_path_factory):
     llama = make_tiny_llama(tmp_path_factory.mktemp("llama"))
     pool = f'handler = "generate"\nconfig = {{ model = "{llama}", max_new_tokens_cap = 64 }}\n'
@@ -286,6 +331,7 @@ def test_generate_on_ray_cpu_matches_a_local_pool(cluster, tmp_path, servers, tm
     assert all(w["nodes"] for w in remote.workers("gen"))
 
 
+@pytest.mark.slow
 def test_node_loss_requeues_every_job_once_and_slots_come_back(cluster, tmp_path, servers):
     s = start(tmp_path, cluster, '[pools.echo]\nhandler = "echo"\ndevices = "ray:4"\nretries = 3\n'
                                  'capacity = 8\n')
@@ -329,6 +375,7 @@ def test_node_loss_requeues_every_job_once_and_slots_come_back(cluster, tmp_path
     assert s.client().run("echo", "after", timeout=30) == "after"
 
 
+@pytest.mark.slow
 def test_no_orphans_after_the_coordinator_is_killed(cluster, tmp_path):
     s = start(tmp_path, cluster, '[pools.echo]\nhandler = "echo"\ndevices = "ray:2"\n')
     try:
@@ -343,5 +390,9 @@ def test_no_orphans_after_the_coordinator_is_killed(cluster, tmp_path):
             return not alive and not run_actors(run_dir)
 
         poll_until(gone, 10, 0.1, "no worker process and no actor of the run")
+        run_id = os.path.basename(run_dir)
+        poll_until(lambda: not [pg for pg in ray.util.placement_group_table().values()
+                                if (pg.get("name") or "").startswith(run_id) and pg["state"] != "REMOVED"],
+                   30, 0.2, "no placement group of the run")
     finally:
         s.close()
