@@ -8,14 +8,12 @@ from __future__ import annotations
 
 import os
 
-from .launcher import Launcher, LocalLauncher
+from .launcher import Launcher
 from .security import WorkerKeys
 
 
-def make_launcher(cfg, run_dir: str, keys: WorkerKeys | None) -> Launcher:
-    """The local launcher, or a Ray launcher that has joined the cluster (ValueError if it cannot)."""
-    if cfg.ray is None:
-        return LocalLauncher()
+def make_launcher(cfg, run_dir: str, keys: WorkerKeys) -> Launcher:
+    """Ray mode: a Ray launcher that has joined the cluster (ValueError if it cannot)."""
     from .ray_launcher import RayLauncher
 
     launcher = RayLauncher(cfg.ray, os.path.basename(run_dir), cfg.placement_timeout, keys.worker,

@@ -25,7 +25,7 @@ from .config import ServerConfig, validate
 from .dispatch import Dispatcher
 from .eventloop import EventLoop, Outbox, Signals, send_frames
 from .fleet import Fleet
-from .launcher import LocalLauncher
+from .local_launcher import LocalLauncher
 from .metrics import make_metrics
 from .pools import Pool
 from .states import COORDINATOR_TRANSITIONS, CoordinatorState as CS, move

@@ -35,18 +35,16 @@ THROUGHPUT_WINDOW = 60.0  # seconds over which a pool's jobs/s is measured
 class SlotLoad:
     """The jobs one slot holds credits for. Changed only by the JobTable; read by dispatch and views."""
 
-    __slots__ = ("running", "awaiting_ack", "completed", "failed")
+    __slots__ = ("running", "awaiting_ack", "held", "completed", "failed")
 
     def __init__(self):
         self.running: dict = {}  # jid -> Job: started here, not ended
         self.awaiting_ack: dict = {}  # jid -> Job: ended while running; the worker has not answered yet
+        # Credits in use: len(running) + len(awaiting_ack), kept as a count because dispatch reads it
+        # for every slot on every pick.
+        self.held = 0
         self.completed = 0  # jobs it answered with a result
         self.failed = 0  # jobs it answered with an error
-
-    @property
-    def held(self) -> int:
-        """Credits in use: running jobs and ended ones the worker has not acknowledged."""
-        return len(self.running) + len(self.awaiting_ack)
 
 
 class PoolJobs:
@@ -135,7 +133,9 @@ class JobTable:
         job.set_state(JS.RUNNING)
         job.slot = slot
         job.started_at = time.monotonic()
-        slot.load.running[job.jid] = job
+        load = slot.load
+        load.running[job.jid] = job
+        load.held += 1
         return job
 
     def end(self, job: Job, state: JS, message, acked: bool = False) -> None:
@@ -166,7 +166,9 @@ class JobTable:
         slot, load = job.slot, job.slot.load
         del load.running[job.jid]
         pj.running -= 1
-        if not acked:
+        if acked:
+            load.held -= 1
+        else:
             load.awaiting_ack[job.jid] = job
             self.cancel(slot, job)
 
@@ -177,7 +179,8 @@ class JobTable:
         load = slot.load
         job = load.running.get(jid)
         if job is None:
-            load.awaiting_ack.pop(jid, None)
+            if load.awaiting_ack.pop(jid, None) is not None:
+                load.held -= 1
         elif ok:
             load.completed += 1
         else:
@@ -189,6 +192,7 @@ class JobTable:
         of the queue, oldest first, or end when they have used up their retries (or cannot be
         replayed, or the coordinator is stopping)."""
         load = slot.load
+        load.held -= len(load.awaiting_ack)
         load.awaiting_ack.clear()  # the worker is gone: it will never acknowledge them
         jobs = sorted(load.running.values(), key=lambda j: j.jid)
         for job in reversed(jobs):
@@ -215,7 +219,9 @@ class JobTable:
 
     def _requeue(self, job: Job) -> None:
         pj = self.pools[job.pool]
-        del job.slot.load.running[job.jid]
+        load = job.slot.load
+        del load.running[job.jid]
+        load.held -= 1
         pj.running -= 1
         job.slot = None
         job.set_state(JS.QUEUED)
@@ -260,6 +266,7 @@ class JobTable:
             for job in pj.queue:
                 assert job.state == JS.QUEUED and job.slot is None and job.pool == name, job.jid
             for s in slots:
+                assert s.load.held == len(s.load.running) + len(s.load.awaiting_ack), s.name
                 for jid, job in s.load.running.items():
                     assert job.jid == jid and job.state == JS.RUNNING and job.slot is s, jid
                 for jid, job in s.load.awaiting_ack.items():

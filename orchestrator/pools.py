@@ -59,8 +59,10 @@ class Pool:
         n = len(slots)
         for k in range(n):
             s = slots[(self._rr + k) % n]
-            if s.state in SERVING and s.credits > best_credits:
-                best, best_credits = s, s.credits
+            if s.state in SERVING:
+                credits = s.capacity - s.load.held  # Slot.credits, inlined: this is the job path
+                if credits > best_credits:
+                    best, best_credits = s, credits
         if best is not None:
             self._rr = (self._rr + 1) % max(n, 1)
         return best

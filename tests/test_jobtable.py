@@ -187,29 +187,31 @@ def test_invariants_hold_at_every_step(seed):
 
 def test_cancelled_running_job_keeps_its_credit_until_the_worker_answers(serve, tmp_path):
     server = serve(["--handler", "tests.handlers_for_tests:HoldUntilFile", "--pool", "hold",
-                    "--devices", "cpu:1"])
+                    "--devices", "cpu:2"])  # two workers of one credit each
     client = server.client()
     release = tmp_path / "release"
-    first = client.submit("hold", {"until": str(release)})
-    second = client.submit("hold", {"until": str(release)})
+    jobs = [client.submit("hold", {"until": str(release)}) for _ in range(3)]
 
     def pool() -> dict:
-        return server.status()["pools"]["hold"]
+        p = server.status()["pools"]["hold"]
+        assert sum(w["inflight"] for w in p["workers"]) == p["inflight"], p  # adds up, always
+        return p
 
-    poll_until(lambda: pool()["inflight"] == 1, 30, what="the first job to run")
-    first.cancel()
-    with pytest.raises(RequestError) as ended:
-        first.result(timeout=30)
-    assert ended.value.code == "cancelled"
+    poll_until(lambda: pool()["inflight"] == 2, 30, what="two jobs to run")
+    for job in jobs[:2]:
+        job.cancel()
+        with pytest.raises(RequestError) as ended:
+            job.result(timeout=30)
+        assert ended.value.code == "cancelled"
     p = pool()
-    [w] = p["workers"]
-    # Ended for the client at once, but the handler is still in it, so the credit stays with the
-    # worker: the second job waits in the queue, and nothing counts as running.
-    assert (p["inflight"], p["queue_depth"], w["inflight"], w["awaiting_ack"]) == (0, 1, 0, 1), p
+    # Ended for the client at once, but each handler is still in its job, so the credits stay with the
+    # workers: the third job waits in the queue, and nothing counts as running.
+    assert (p["inflight"], p["queue_depth"], p["failed"]) == (0, 1, 2), p
+    assert [(w["inflight"], w["awaiting_ack"]) for w in p["workers"]] == [(0, 1), (0, 1)], p
     release.touch()
-    assert second.result(timeout=30) == {"done": True}
-    p = pool()
-    [w] = p["workers"]
-    assert (p["inflight"], p["queue_depth"], w["inflight"], w["awaiting_ack"]) == (0, 0, 0, 0), p
-    # The pool counts the cancel; the worker counts only what it answered while the job was running.
-    assert (p["completed"], p["failed"]) == (1, 1) and (w["completed"], w["failed"]) == (1, 0)
+    assert jobs[2].result(timeout=30) == {"done": True}
+    p = poll_until(lambda: (lambda p: p if not any(w["awaiting_ack"] for w in p["workers"]) else None)(
+        pool()), 30, what="both workers to answer their cancelled jobs")
+    assert (p["inflight"], p["queue_depth"], p["completed"], p["failed"]) == (0, 0, 1, 2), p
+    # A worker counts only what it answered while the job was running: the third job's result.
+    assert sorted((w["completed"], w["failed"]) for w in p["workers"]) == [(0, 0), (1, 0)], p

@@ -8,7 +8,8 @@ import time
 
 from orchestrator.config import PoolConfig, ServerConfig
 from orchestrator.eventloop import EventLoop
-from orchestrator.launcher import LaunchError, LocalLauncher, LoopWaker
+from orchestrator.launcher import LaunchError, LoopWaker
+from orchestrator.local_launcher import LocalLauncher
 from orchestrator.metrics import NullMetrics
 from orchestrator.procs import Slot, SlotSpec, slot_launch
 from orchestrator.states import WorkerState as WS
@@ -100,3 +101,12 @@ def test_a_refused_launch_fails_the_slot_and_spends_its_restart_budget(tmp_path)
         sup.tick([slot], time.monotonic())
     assert slot.state == WS.FAILED and slot.incarnation == 3  # the first start and 2 restarts
     assert downs == [slot.last_exit_reason] * 3
+
+
+def test_module_doctests_pass():
+    import doctest
+
+    from orchestrator import launcher, pools
+    for module in (launcher, pools):
+        result = doctest.testmod(module)
+        assert result.attempted >= 1 and result.failed == 0, module.__name__
