@@ -24,6 +24,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import socket
 import threading
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
@@ -101,11 +102,11 @@ class RayLauncher(Launcher):
         """Join the Ray cluster as a driver. Raises ValueError naming the address on failure."""
         import ray
 
-        address = None if self.address == "auto" else self.address
+        self._check_reachable()
         try:
             # The actors fate-share with this driver: when the coordinator dies, Ray ends its job and
             # kills them (and they their workers).
-            ray.init(address=address or "auto", namespace="orchestrator", log_to_driver=self.forward_output,
+            ray.init(address=self.address, namespace="orchestrator", log_to_driver=self.forward_output,
                      logging_level=logging.WARNING, configure_logging=False)
         except (ConnectionError, RuntimeError, ValueError) as e:
             raise ValueError(f"cannot join the Ray cluster at {self.address!r}: {e}") from None
@@ -115,6 +116,18 @@ class RayLauncher(Launcher):
         self._watcher = threading.Thread(target=self._watch, name="ray-watch", daemon=True)
         self._watcher.start()
         log.info("joined Ray cluster %s: %s", self.address, self.describe())
+
+    def _check_reachable(self, timeout: float = 5.0) -> None:
+        """Fail fast on a HOST:PORT nobody listens on (ray.init would retry for minutes)."""
+        if self.address == "auto":
+            return
+        host, _, port = self.address.rpartition(":")
+        if not host or not port.isdigit():
+            raise ValueError(f"--ray {self.address!r}: use auto or HOST:PORT")
+        try:
+            socket.create_connection((host.strip("[]"), int(port)), timeout=timeout).close()
+        except OSError as e:
+            raise ValueError(f"cannot reach the Ray cluster at {self.address}: {e}") from None
 
     def node_address(self) -> str:
         """This host's address on the Ray network (where remote workers can reach us)."""
@@ -268,26 +281,32 @@ class RayLauncher(Launcher):
         wheres = ray.get([a.where.remote() for a in actors], timeout=ACTOR_CALL_S)
         # Every rank sees the group's devices and uses cuda:<rank>, as with the local launcher.
         visible = ",".join(g for w in wheres for g in w["gpus"])
-        pids = ray.get([a.launch.remote(self._spec_json(r.spec), _rank_env(r.env, visible), w["node"])
-                        for a, r, w in zip(actors, launch.ranks, wheres)], timeout=ACTOR_CALL_S)
+        started = ray.get([a.launch.remote(self._spec_json(r.spec), _rank_env(r.env, visible), w["node"])
+                           for a, r, w in zip(actors, launch.ranks, wheres)], timeout=ACTOR_CALL_S)
         with self._lock:
             for rank, actor in enumerate(actors):
                 group.waits[actor.wait.remote()] = rank
-        self._waker.post(lambda: self._placed(group, wheres, pids, visible))
+        self._waker.post(lambda: self._placed(group, wheres, started, visible))
 
     def _spec_json(self, spec: dict) -> str:
         """The rank's spec as the remote worker needs it: CURVE keys for the TCP worker socket, and no
         CPU pinning (the cores were split for this host; Ray's bundles govern the remote node's)."""
         return json.dumps({**spec, "curve": self.keys.to_spec(), "cores": None})
 
-    def _placed(self, group: _Group, wheres: list, pids: list, visible: str) -> None:
+    def _placed(self, group: _Group, wheres: list, started: list, visible: str) -> None:
         """Loop thread: record where the ranks run."""
         handle = group.handle
         handle.node, handle.host = wheres[0]["node"], wheres[0]["host"]
-        for rank, where, pid in zip(handle.ranks, wheres, pids):
-            rank.pid, rank.node, rank.host = pid, where["node"], where["host"]
+        for rank, where, s in zip(handle.ranks, wheres, started):
+            rank.pid, rank.node, rank.host = s["pid"], where["node"], where["host"]
+        ids = {"wid": handle.name, "pool": handle.pool}
         log.info("%s: placed on node %s (%s), CUDA_VISIBLE_DEVICES=%r, pid(s) %s", handle.name,
-                 handle.node[:8], handle.host, visible, pids, extra={"wid": handle.name, "pool": handle.pool})
+                 handle.node[:8], handle.host, visible, [s["pid"] for s in started], extra=ids)
+        nice = max(s["nice"] for s in started)
+        if nice > 0:
+            log.warning("%s: its worker(s) run at niceness %d (Ray's worker niceness, which we may not "
+                        "lower here): a busy node starves them; start the nodes with "
+                        "RAY_worker_niceness=0", handle.name, nice, extra=ids)
 
     def _end_unstarted(self, group: _Group, why: str) -> None:
         """Report an exit for every rank whose worker never started (or whose start we lost track of)."""

@@ -49,8 +49,8 @@ class RankActor:
         return {"node": ctx.get_node_id(), "host": socket.gethostname(), "actor_pid": os.getpid(),
                 "gpus": [str(g) for g in gpus]}
 
-    def launch(self, spec_json: str, env: dict, node: str) -> int:
-        """Start the worker process; returns its pid. `env` is what the coordinator sets on top of this
+    def launch(self, spec_json: str, env: dict, node: str) -> dict:
+        """Start the worker process: {"pid", "nice"}. `env` is what the coordinator sets on top of this
         node's environment (CUDA_VISIBLE_DEVICES and the NCCL safety variables among them)."""
         spec = json.loads(spec_json)
         spec["parent_pid"] = os.getpid()  # the worker's orphan checks watch this actor
@@ -62,10 +62,11 @@ class RankActor:
         self.proc = subprocess.Popen([sys.executable, "-m", "worker", "--spec", json.dumps(spec)], env=full,
                                      stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
                                      stderr=subprocess.STDOUT, close_fds=True)
+        nice = _unnice(self.proc.pid)
         self._pump = threading.Thread(target=self._copy_output, name="rank-output", daemon=True)
         self._pump.start()
         self._launched.set()
-        return self.proc.pid
+        return {"pid": self.proc.pid, "nice": nice}
 
     def _copy_output(self) -> None:
         """Keep the last lines for the exit report; echo each line to the actor's stderr, which Ray
@@ -91,3 +92,18 @@ class RankActor:
                 os.kill(self.proc.pid, signal.SIGKILL)
             except ProcessLookupError:
                 pass
+
+
+def _unnice(pid: int) -> int:
+    """Ray runs its actors at a low priority (niceness 15, `RAY_worker_niceness`), and a child inherits
+    it: on a busy node the worker would lose the CPU to every ordinary process, and its dispatch
+    latency with it. Put the worker back at niceness 0 where we may (root or CAP_SYS_NICE; done before
+    the new process starts threads, which inherit it). Returns the worker's niceness."""
+    try:
+        os.setpriority(os.PRIO_PROCESS, pid, 0)
+    except OSError:
+        pass  # not permitted: it stays at Ray's niceness, and the coordinator says so
+    try:
+        return os.getpriority(os.PRIO_PROCESS, pid)
+    except OSError:
+        return 0
