@@ -264,6 +264,7 @@ def main(argv=None) -> int:
     ap.add_argument("--jobs", type=int, default=2000, help="round trips and pipelined jobs per round")
     ap.add_argument("--rounds", type=int, default=3)
     ap.add_argument("--trials", type=int, default=3, help="node losses and cold starts")
+    ap.add_argument("--steps", default="dispatch,node_loss,cold_start", help="which figures, comma-separated")
     ap.add_argument("--json", help="write the results here (and to $OUT/bench_ray.json when set)")
     args = ap.parse_args(argv)
     import ray
@@ -275,9 +276,13 @@ def main(argv=None) -> int:
     ray.init(address=cluster.address, namespace="bench-ray")  # to read the cluster's own view of its nodes
     try:
         with tempfile.TemporaryDirectory() as tmp:
-            data["dispatch"] = steps.run("dispatch", dispatch, cluster, tmp, args.jobs, args.rounds)
-            data["node_loss"] = steps.run("node loss", node_loss, cluster, tmp, args.trials)
-            data["cold_start"] = steps.run("cold start", cold_start, cluster, tmp, args.trials)
+            chosen = args.steps.split(",")
+            if "dispatch" in chosen:
+                data["dispatch"] = steps.run("dispatch", dispatch, cluster, tmp, args.jobs, args.rounds)
+            if "node_loss" in chosen:
+                data["node_loss"] = steps.run("node loss", node_loss, cluster, tmp, args.trials)
+            if "cold_start" in chosen:
+                data["cold_start"] = steps.run("cold start", cold_start, cluster, tmp, args.trials)
     finally:
         ray.shutdown()
         cluster.shutdown()

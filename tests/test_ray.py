@@ -161,6 +161,10 @@ def test_placement_two_workers_per_node_with_distinct_devices(cluster, tmp_path,
     for o in outs.values():  # status shows the node each worker runs on, and its pid
         assert status[o["wid"]]["nodes"] == [o["node"]]
         assert status[o["wid"]]["pids"] == [o["pid"]]
+        if os.geteuid() == 0:  # Ray runs actors at niceness 15; the worker is put back at 0 where allowed
+            assert psutil.Process(o["pid"]).nice() == 0
+    if os.geteuid() != 0:
+        assert "RAY_worker_niceness=0" in s.log()  # otherwise the log says why, and what to do
     assert s.status()["pools"]["env"]["health"] == "ready"
 
 
