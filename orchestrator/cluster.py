@@ -14,10 +14,11 @@ from .security import WorkerKeys
 
 def make_launcher(cfg, run_dir: str, keys: WorkerKeys) -> Launcher:
     """Ray mode: a Ray launcher that has joined the cluster (ValueError if it cannot)."""
+    from .ray_cluster import RayCluster
     from .ray_launcher import RayLauncher
 
-    launcher = RayLauncher(cfg.ray, os.path.basename(run_dir), cfg.placement_timeout, keys.worker,
-                           forward_output=cfg.log_format == "text")
+    ray_cluster = RayCluster(cfg.ray, forward_output=cfg.log_format == "text")
+    launcher = RayLauncher(ray_cluster, os.path.basename(run_dir), cfg.placement_timeout, keys.worker)
     launcher.connect()
     return launcher
 
@@ -35,7 +36,7 @@ def reserve(cfg, launcher: Launcher, pools: dict) -> None:
     names what was asked and what the cluster has). Locally: nothing to do."""
     if cfg.ray is None:
         return
-    from .ray_launcher import Demand, resource_of
+    from .ray_cluster import Demand, resource_of
 
     demands = [Demand(f"{pool.name}/{i}", resource_of(pool.device_set.kind), pool.cfg.tp)
                for pool in pools.values() for i in range(pool.desired)]

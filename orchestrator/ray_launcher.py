@@ -24,13 +24,13 @@ from __future__ import annotations
 import json
 import logging
 import os
-import socket
 import threading
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 
 from protocol.curve import CurveClientKeys
 from .launcher import ExitEvent, Launcher, LoopWaker, RankHandle, SlotHandle, SlotLaunch, exit_words
+from .ray_cluster import Demand, RayCluster, resource_of
 from .ray_rank import RankActor
 
 log = logging.getLogger("orchestrator.ray")
@@ -40,23 +40,6 @@ PLACE_POLL_S = 1.0  # a placement waiting for room rechecks whether its slot was
 KILL_GRACE_S = 2.0  # after asking an actor to kill its worker, wait this long before killing the actor
 ACTOR_CALL_S = 120.0  # an actor's where()/launch() answer (a cold node starts a Python process first)
 START_THREADS = 8  # placements waiting for room each hold one
-
-
-@dataclass(frozen=True)
-class Demand:
-    """What one slot asks of the cluster: `ranks` bundles of one `resource` each, on one node."""
-
-    slot: str
-    resource: str  # "GPU" or "CPU"
-    ranks: int
-
-    def bundles(self) -> list[dict]:
-        return [{self.resource: 1} for _ in range(self.ranks)]
-
-
-def resource_of(device_kind: str) -> str:
-    """Ray resource for a pool's device kind (placement.DeviceSet.kind)."""
-    return {"ray-gpu": "GPU", "ray-cpu": "CPU"}[device_kind]
 
 
 @dataclass
@@ -76,13 +59,9 @@ class RayLauncher(Launcher):
     """Construct cheaply; `connect()` joins the cluster; `reserve()` places the first slots (all or none);
     then the `Launcher` methods as usual."""
 
-    def __init__(self, address: str, run_id: str, placement_timeout: float, keys: CurveClientKeys,
-                 forward_output: bool = True):
+    def __init__(self, cluster: RayCluster, run_id: str, placement_timeout: float, keys: CurveClientKeys):
         super().__init__()
-        self.address = address
-        # Ray prints the actors' output (the workers' lines) on our stderr, as plain text; with JSON logs
-        # it stays in the nodes' Ray logs, and each exit still quotes the worker's last lines.
-        self.forward_output = forward_output
+        self.cluster = cluster
         self.keys = keys  # the run's worker key pair and the worker socket's public key, for every spec
         self.run_id = run_id  # names this run's actors and placement groups in Ray
         self.placement_timeout = placement_timeout
@@ -99,95 +78,40 @@ class RayLauncher(Launcher):
     # ------------------------------------------------------------------ cluster
 
     def connect(self) -> None:
-        """Join the Ray cluster as a driver. Raises ValueError naming the address on failure."""
-        import ray
-
-        self._check_reachable()
-        try:
-            # The actors fate-share with this driver: when the coordinator dies, Ray ends its job and
-            # kills them (and they their workers).
-            ray.init(address=self.address, namespace="orchestrator", log_to_driver=self.forward_output,
-                     logging_level=logging.WARNING, configure_logging=False)
-        except (ConnectionError, RuntimeError, ValueError) as e:
-            raise ValueError(f"cannot join the Ray cluster at {self.address!r}: {e}") from None
-        self.ray = ray
-        self._actor_cls = ray.remote(RankActor)
+        """Join the Ray cluster as a driver (ValueError naming the address if we cannot), and start the
+        threads that place slots and watch their actors."""
+        self.ray = self.cluster.connect()
+        self._actor_cls = self.ray.remote(RankActor)
         self._pool = ThreadPoolExecutor(START_THREADS, thread_name_prefix="ray-start")
         self._watcher = threading.Thread(target=self._watch, name="ray-watch", daemon=True)
         self._watcher.start()
-        log.info("joined Ray cluster %s: %s", self.address, self.describe())
-
-    def _check_reachable(self, timeout: float = 5.0) -> None:
-        """Fail fast on a HOST:PORT nobody listens on (ray.init would retry for minutes)."""
-        if self.address == "auto":
-            return
-        host, _, port = self.address.rpartition(":")
-        if not host or not port.isdigit():
-            raise ValueError(f"--ray {self.address!r}: use auto or HOST:PORT")
-        try:
-            socket.create_connection((host.strip("[]"), int(port)), timeout=timeout).close()
-        except OSError as e:
-            raise ValueError(f"cannot reach the Ray cluster at {self.address}: {e}") from None
 
     def node_address(self) -> str:
-        """This host's address on the Ray network (where remote workers can reach us)."""
-        return self.ray.util.get_node_ip_address()
-
-    def nodes(self) -> dict[str, dict]:
-        """Alive nodes: node id -> {"host", "GPU", "CPU"} totals."""
-        out = {}
-        for n in self.ray.nodes():
-            if n.get("Alive"):
-                res = n.get("Resources", {})
-                out[n["NodeID"]] = {"host": n.get("NodeManagerAddress"), "GPU": int(res.get("GPU", 0)),
-                                    "CPU": int(res.get("CPU", 0))}
-        return out
-
-    def describe(self) -> str:
-        nodes = self.nodes()
-        parts = [f"node {nid[:8]} ({n['host']}): {n['GPU']} GPU, {n['CPU']} CPU" for nid, n in nodes.items()]
-        return f"{len(nodes)} node(s): " + "; ".join(parts)
-
-    def check_fits(self, demands: list[Demand]) -> None:
-        """Raise ValueError when the cluster's nodes, as they are, can never hold these slots (each on
-        one node), naming what was asked and what the cluster has."""
-        free = {nid: dict(n) for nid, n in self.nodes().items()}
-        for d in sorted(demands, key=lambda d: -d.ranks):  # largest groups first
-            fit = next((nid for nid, n in free.items() if n[d.resource] >= d.ranks), None)
-            if fit is None:
-                raise ValueError(self._too_few(demands))
-            free[fit][d.resource] -= d.ranks
-
-    def _too_few(self, demands: list[Demand]) -> str:
-        asked: dict[tuple, int] = {}
-        for d in demands:
-            asked[(d.resource, d.ranks)] = asked.get((d.resource, d.ranks), 0) + 1
-        what = ", ".join(f"{n} slot(s) of {k} {res} on one node" for (res, k), n in asked.items())
-        return f"the Ray cluster has too few resources: asked for {what}; the cluster has {self.describe()}"
+        return self.cluster.node_address()
 
     def reserve(self, demands: list[Demand]) -> None:
         """Place every first slot before any worker starts: all placement groups become ready within
         `placement_timeout`, or they are all removed and ValueError says what was asked and what the
         cluster has (no half-started pool)."""
-        self.check_fits(demands)
+        self.cluster.check_fits(demands)
         ray = self.ray
-        pgs = {d.slot: self._placement_group(d.slot, d, 0) for d in demands}
+        pgs = {d.slot: self._placement_group(d, 1) for d in demands}
         ready, _ = ray.wait([pg.ready() for pg in pgs.values()], num_returns=len(pgs),
                             timeout=self.placement_timeout)
         if len(ready) < len(pgs):
             for pg in pgs.values():
                 ray.util.remove_placement_group(pg)
-            raise ValueError(f"{self._too_few(demands)}; {len(pgs) - len(ready)} of {len(pgs)} placement "
-                             f"group(s) not ready within {self.placement_timeout:g} s (free now: "
+            raise ValueError(f"{self.cluster.too_few(demands)}; {len(pgs) - len(ready)} of {len(pgs)} "
+                             f"placement group(s) not ready within {self.placement_timeout:g} s (free now: "
                              f"{ray.available_resources().get(demands[0].resource, 0):g} "
                              f"{demands[0].resource})")
         self._reserved.update(pgs)
 
-    def _placement_group(self, slot: str, demand: Demand, incarnation: int):
+    def _placement_group(self, demand: Demand, incarnation: int):
         from ray.util.placement_group import placement_group
 
         return placement_group(demand.bundles(), strategy="STRICT_PACK",
-                               name=f"{self.run_id}:{slot}:{incarnation}")
+                               name=f"{self.run_id}:{demand.slot}:{incarnation}")
 
     # ------------------------------------------------------------------ Launcher
 
@@ -251,7 +175,7 @@ class RayLauncher(Launcher):
         demand = Demand(launch.name, resource_of(_kind(launch)), len(launch.ranks))
         pg = self._reserved.pop(launch.name, None) if launch.incarnation == 1 else None
         if pg is None:
-            pg = self._placement_group(launch.name, demand, launch.incarnation)
+            pg = self._placement_group(demand, launch.incarnation)
         with self._lock:
             group.pg = pg
         waited = 0.0
@@ -262,7 +186,7 @@ class RayLauncher(Launcher):
             waited += PLACE_POLL_S
             if waited == 10 * PLACE_POLL_S:  # once: the slot waits for room, and says so
                 log.warning("%s: waiting for room in the Ray cluster (%d %s on one node); %s",
-                            launch.name, demand.ranks, demand.resource, self.describe())
+                            launch.name, demand.ranks, demand.resource, self.cluster.describe())
 
     def _launch(self, group: _Group, launch: SlotLaunch) -> None:
         ray = self.ray
@@ -381,7 +305,7 @@ class RayLauncher(Launcher):
 
     def _death_words(self, group: _Group, rank: int, exc: Exception) -> str:
         node = group.handle.ranks[rank].node or (group.handle.node or "")
-        alive = self.nodes() if node else {}
+        alive = self.cluster.nodes() if node else {}
         if node and node not in alive:
             return f"node {node[:8]} lost (Ray: {type(exc).__name__})"
         return f"Ray actor died: {_first_line(exc)}"

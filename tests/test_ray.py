@@ -132,6 +132,16 @@ def test_cluster_table_and_ray_mode_rules(tmp_path):
         validate(load_toml(str(path)))
 
 
+def test_ray_cluster_doctests():
+    """The pure parts of Ray mode: resources per device kind, whether slots fit the nodes, the error."""
+    import doctest
+
+    from orchestrator import ray_cluster
+
+    result = doctest.testmod(ray_cluster)
+    assert result.attempted >= 3 and result.failed == 0
+
+
 def test_ray_devices_need_ray_mode(tmp_path):
     out = subprocess.run([sys.executable, "-m", "orchestrator", "serve", "--handler", "echo", "--devices",
                           "ray:2"], capture_output=True, text=True, timeout=60,
