@@ -111,6 +111,7 @@ class ClientOps:
         pool = self.pools[msg.pool]
         deadline = time.monotonic() + msg.timeout if msg.timeout else None
         retries = pool.cfg.retries if msg.retries is None else msg.retries
+        # msg.input is the client's msgpack bytes, never decoded here: the worker decodes it.
         self.table.accept(route, msg.id, msg.pool, msg.input, msg.stream, retries, deadline)
         self.metrics.job_accepted(pool.name)
         self.dispatch(pool)

@@ -13,6 +13,7 @@ except ImportError:  # Python 3.10
     import tomli as tomllib
 
 from protocol import Limits
+from protocol.workerspec import GUARD_TIMEOUT_S
 
 DEFAULT_ADDRESS = "tcp://127.0.0.1:5555"
 
@@ -40,7 +41,7 @@ class PoolConfig:
     cpu_threads: int | None = None  # torch threads per CPU worker; None: its share of the cores
     cpu_affinity: bool = True  # pin each worker to its share of the cores (False: its threads may run anywhere)
     env: dict = field(default_factory=dict)  # extra environment for this pool's workers
-    guard_timeout: float = 5.0  # tp > 1: seconds a rank waits for the others at a collective guard step
+    guard_timeout: float = GUARD_TIMEOUT_S  # tp > 1: seconds a rank waits for the others at a guard step
 
 
 @dataclass

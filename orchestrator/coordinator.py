@@ -44,7 +44,7 @@ class Coordinator:
         self.cfg = cfg
         self.name = "coordinator"
         self.state = CS.RUNNING
-        self.codec = Codec(cfg.limits)
+        self.codec = Codec(cfg.limits, opaque_input=True)  # a job's input is forwarded unread, as bytes
         # Worker traffic is private and already passed the client limits on its way in; a result
         # may be larger than the request (and must never crash the loop by being so).
         self.wcodec = Codec(INTERNAL_LIMITS)

@@ -41,7 +41,7 @@ class LocalLauncher(Launcher):
 
     def _spawn(self, handle: SlotHandle, r: RankLaunch) -> RankHandle:
         popen = subprocess.Popen(
-            [sys.executable, "-m", "worker", "--spec", json.dumps(r.spec)],
+            [sys.executable, "-m", "worker", "--spec", r.spec.encode()],
             env=r.env, stdin=subprocess.DEVNULL,
             stdout=subprocess.PIPE, stderr=subprocess.PIPE, close_fds=True,
         )

@@ -5,10 +5,12 @@ failure and restart: one process for tp=1, or a TP group of `tp` rank processes.
 """
 from __future__ import annotations
 
+import dataclasses
 import os
 import time
 from dataclasses import dataclass, field
 
+from protocol.workerspec import CONTROL, DATA, GUARD_TIMEOUT_S, WorkerSpec, routing_id
 from .jobtable import SlotLoad
 from .launcher import RankHandle, RankLaunch, SlotHandle, SlotLaunch
 from .placement import cuda_visible
@@ -36,7 +38,7 @@ class SlotSpec:
     cpu_threads: int | None = None
     cpu_affinity: bool = True  # pin each rank to its cores; else they only size its thread pools
     env: dict = field(default_factory=dict)
-    guard_timeout: float = 5.0  # tp > 1 only
+    guard_timeout: float = GUARD_TIMEOUT_S  # tp > 1 only
 
     @property
     def wid(self) -> str:
@@ -51,8 +53,8 @@ class Proc:
         self.rank = rank
         self.wid = wid
         # ROUTER identities of its two sockets (set by the worker from the same wid and incarnation).
-        self.ctl_id = f"c:{wid}:{incarnation}".encode()
-        self.data_id = f"d:{wid}:{incarnation}".encode()
+        self.ctl_id = routing_id(CONTROL, wid, incarnation)
+        self.data_id = routing_id(DATA, wid, incarnation)
         self.handle = handle
         self.last_seen = time.monotonic()
         self.hello = False
@@ -112,32 +114,31 @@ class Slot:
         return self.handle is not None and self.handle.stopping
 
 
-def worker_spec(spec: SlotSpec, rank: int, incarnation: int, endpoint: str, cfg) -> dict:
-    """The JSON a worker process starts from (argv; data only, never code)."""
-    return {
-        "wid": spec.wid if rank == 0 else f"{spec.wid}#{rank}",
-        "slot": spec.wid,
-        "pool": spec.pool,
-        "handler": spec.handler,
-        "config": spec.config,
-        "devices": list(spec.devices),
-        "rank": rank,
-        "world_size": spec.tp,
-        "incarnation": incarnation,
-        "endpoint": endpoint,
-        "parent_pid": os.getpid(),
-        "cores": list(spec.cores[rank]) if spec.cores and spec.cpu_affinity else None,
-        "capacity": spec.capacity,
-        "hb_interval": cfg.hb_interval,
-        "coord_timeout": cfg.coord_timeout,
-        "log_level": cfg.log_level,
-        "guard_timeout": spec.guard_timeout,
-        "curve": None,  # Ray mode: CURVE keys for the TCP worker socket (set by the Ray launcher)
-        "node": None,  # Ray mode: the Ray node id (set by the rank's actor)
+def worker_spec(spec: SlotSpec, rank: int, incarnation: int, endpoint: str, cfg) -> WorkerSpec:
+    """The spec a worker process starts from (argv; data only, never code)."""
+    return WorkerSpec(
+        wid=spec.wid if rank == 0 else f"{spec.wid}#{rank}",
+        slot=spec.wid,
+        pool=spec.pool,
+        handler=spec.handler,
+        config=spec.config,
+        devices=list(spec.devices),
+        rank=rank,
+        world_size=spec.tp,
+        incarnation=incarnation,
+        endpoint=endpoint,
+        parent_pid=os.getpid(),
+        cores=list(spec.cores[rank]) if spec.cores and spec.cpu_affinity else None,
+        capacity=spec.capacity,
+        hb_interval=cfg.hb_interval,
+        coord_timeout=cfg.coord_timeout,
+        log_level=cfg.log_level,
+        guard_timeout=spec.guard_timeout,
+        limits=dataclasses.asdict(cfg.limits),  # the worker decodes each job's input under these
         # CLOCK_MONOTONIC is one clock for the host: the worker measures its boot from here. (The process's
         # start time from /proc is anchored to a whole-second boot time, up to 1 s off.)
-        "spawned_at": time.monotonic(),
-    }
+        spawned_at=time.monotonic(),
+    )
 
 
 def worker_env(spec: SlotSpec, rank: int) -> dict:
@@ -165,6 +166,6 @@ def slot_launch(spec: SlotSpec, incarnation: int, endpoint: str, cfg) -> SlotLau
     ranks = []
     for rank in range(spec.tp):
         ws = worker_spec(spec, rank, incarnation, endpoint, cfg)
-        ranks.append(RankLaunch(rank, ws["wid"], ws, worker_env(spec, rank),
+        ranks.append(RankLaunch(rank, ws.wid, ws, worker_env(spec, rank),
                                 tuple(spec.cores[rank]) if spec.cores else ()))
     return SlotLaunch(spec.wid, spec.pool, incarnation, tuple(spec.devices), tuple(ranks))

@@ -21,7 +21,7 @@ lock; the handles (`SlotHandle`, `RankHandle`) are written only on the loop thre
 """
 from __future__ import annotations
 
-import json
+import dataclasses
 import logging
 import os
 import threading
@@ -29,6 +29,7 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 
 from protocol.curve import CurveClientKeys
+from protocol.workerspec import WorkerSpec
 from .launcher import ExitEvent, Launcher, LoopWaker, RankHandle, SlotHandle, SlotLaunch, exit_words
 from .ray_cluster import Demand, RayCluster, resource_of
 from .ray_rank import RankActor
@@ -205,17 +206,18 @@ class RayLauncher(Launcher):
         wheres = ray.get([a.where.remote() for a in actors], timeout=ACTOR_CALL_S)
         # Every rank sees the group's devices and uses cuda:<rank>, as with the local launcher.
         visible = ",".join(g for w in wheres for g in w["gpus"])
-        started = ray.get([a.launch.remote(self._spec_json(r.spec), _rank_env(r.env, visible), w["node"])
+        started = ray.get([a.launch.remote(self._spec_text(r.spec), _rank_env(r.env, visible), w["node"])
                            for a, r, w in zip(actors, launch.ranks, wheres)], timeout=ACTOR_CALL_S)
         with self._lock:
             for rank, actor in enumerate(actors):
                 group.waits[actor.wait.remote()] = rank
         self._waker.post(lambda: self._placed(group, wheres, started, visible))
 
-    def _spec_json(self, spec: dict) -> str:
-        """The rank's spec as the remote worker needs it: CURVE keys for the TCP worker socket, and no
-        CPU pinning (the cores were split for this host; Ray's bundles govern the remote node's)."""
-        return json.dumps({**spec, "curve": self.keys.to_spec(), "cores": None})
+    def _spec_text(self, spec: WorkerSpec) -> str:
+        """The rank's encoded spec as the remote worker needs it: CURVE keys for the TCP worker socket,
+        and no CPU pinning (the cores were split for this host; Ray's bundles govern the remote node's).
+        Plain text, so that only a string crosses Ray's actor call."""
+        return dataclasses.replace(spec, curve=self.keys.to_spec(), cores=None).encode()
 
     def _placed(self, group: _Group, wheres: list, started: list, visible: str) -> None:
         """Loop thread: record where the ranks run."""

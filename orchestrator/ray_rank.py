@@ -14,7 +14,7 @@ job's actors. And a worker that hears nothing from the coordinator for `coord_ti
 """
 from __future__ import annotations
 
-import json
+import dataclasses
 import os
 import signal
 import socket
@@ -23,6 +23,8 @@ import sys
 import threading
 import time
 from collections import deque
+
+from protocol.workerspec import WorkerSpec
 
 # Where the `worker` package lives on this node, so the child imports it even from a checkout.
 _SOURCE_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -49,17 +51,16 @@ class RankActor:
         return {"node": ctx.get_node_id(), "host": socket.gethostname(), "actor_pid": os.getpid(),
                 "gpus": [str(g) for g in gpus]}
 
-    def launch(self, spec_json: str, env: dict, node: str) -> dict:
+    def launch(self, spec_text: str, env: dict, node: str) -> dict:
         """Start the worker process: {"pid", "nice"}. `env` is what the coordinator sets on top of this
         node's environment (CUDA_VISIBLE_DEVICES and the NCCL safety variables among them)."""
-        spec = json.loads(spec_json)
-        spec["parent_pid"] = os.getpid()  # the worker's orphan checks watch this actor
-        spec["node"] = node
-        spec["spawned_at"] = time.monotonic()  # the worker's boot time is measured on its own host's clock
+        # The worker's orphan checks watch this actor, and its boot time is measured on this host's clock.
+        spec = dataclasses.replace(WorkerSpec.decode(spec_text), parent_pid=os.getpid(), node=node,
+                                   spawned_at=time.monotonic())
         full = dict(os.environ)
         full.update(env)
         full["PYTHONPATH"] = os.pathsep.join(filter(None, [_SOURCE_ROOT, os.environ.get("PYTHONPATH")]))
-        self.proc = subprocess.Popen([sys.executable, "-m", "worker", "--spec", json.dumps(spec)], env=full,
+        self.proc = subprocess.Popen([sys.executable, "-m", "worker", "--spec", spec.encode()], env=full,
                                      stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
                                      stderr=subprocess.STDOUT, close_fds=True)
         nice = _unnice(self.proc.pid)

@@ -24,6 +24,7 @@ class RankSnapshot:
     rss_bytes: int | None
     gpu_memory: list
     guard: dict | None  # TP ranks: collective guard cost per step (worker/guard.py)
+    transfers: dict | None  # ctx.to_device/to_host counts (worker/transfers.py)
 
 
 @dataclass(frozen=True)
@@ -82,7 +83,8 @@ def rank_snapshot(p, now: float) -> RankSnapshot:
         rank=p.rank, pid=p.handle.pid, host=p.handle.host, node=p.handle.node, alive=alive,
         heartbeat_age=round(now - p.last_seen, 3) if alive else None,
         step_age=_rounded(p.current_step_age(now)) if alive else None,
-        rss_bytes=stats.get("rss_bytes"), gpu_memory=stats.get("gpu") or [], guard=stats.get("guard"))
+        rss_bytes=stats.get("rss_bytes"), gpu_memory=stats.get("gpu") or [], guard=stats.get("guard"),
+        transfers=stats.get("transfers"))
 
 
 def worker_snapshot(slot, now: float) -> WorkerSnapshot:

@@ -5,11 +5,13 @@ did not report (e.g. PID namespaces) and anything started by hand.
 """
 from __future__ import annotations
 
-import json
 import logging
 import os
 
 import psutil
+
+from protocol import ProtocolError
+from protocol.workerspec import WorkerSpec
 
 log = logging.getLogger("orchestrator.stale")
 
@@ -21,23 +23,23 @@ def find_stale() -> list[dict]:
         spec = _worker_spec(proc.info.get("cmdline") or [])
         if spec is None or proc.info["pid"] == os.getpid():
             continue
-        parent = spec.get("parent_pid")
+        parent = spec.parent_pid
         if parent and psutil.pid_exists(parent) and _is_parent(proc, parent):
             continue  # a live worker of a live coordinator (possibly another run): not ours to touch
-        found.append({"pid": proc.info["pid"], "wid": spec.get("wid"), "devices": spec.get("devices"),
-                      "endpoint": spec.get("endpoint"), "proc": proc})
+        found.append({"pid": proc.info["pid"], "wid": spec.wid, "devices": spec.devices,
+                      "endpoint": spec.endpoint, "proc": proc})
     return found
 
 
-def _worker_spec(cmdline: list) -> dict | None:
+def _worker_spec(cmdline: list) -> WorkerSpec | None:
     if "-m" not in cmdline or "--spec" not in cmdline:
         return None
     i = cmdline.index("-m")
     if i + 1 >= len(cmdline) or cmdline[i + 1] != "worker":
         return None
     try:
-        return json.loads(cmdline[cmdline.index("--spec") + 1])
-    except (IndexError, ValueError):
+        return WorkerSpec.decode(cmdline[cmdline.index("--spec") + 1])
+    except (IndexError, ProtocolError):  # not one of ours (or of another version): leave it alone
         return None
 
 

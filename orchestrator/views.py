@@ -12,7 +12,7 @@ from .states import WorkerState as WS
 def _rank_view(r: RankSnapshot) -> dict:
     return {"rank": r.rank, "pid": r.pid, "alive": r.alive, "host": r.host, "node": r.node,
             "heartbeat_age": r.heartbeat_age, "step_age": r.step_age, "rss_bytes": r.rss_bytes,
-            "gpu_memory": r.gpu_memory, "guard": r.guard}
+            "gpu_memory": r.gpu_memory, "guard": r.guard, "transfers": r.transfers}
 
 
 def _oldest(ranks: list, key: str) -> float | None:

@@ -10,21 +10,25 @@ from typing import Any
 
 import msgpack
 
-from .errors import BadField, MalformedMessage, MessageTooLarge, UnknownOp, UnsupportedVersion
+from .errors import (
+    BadField, MalformedMessage, MessageTooLarge, ProtocolError, UnknownOp, UnsupportedVersion,
+)
 from .messages import MESSAGES, PROTOCOL_VERSION, Message
 
 NDARRAY_KEY = "__ndarray__"
+REUSE_MAX_BYTES = 64 * 1024  # envelopes up to this size are decoded by one reused Unpacker
 
 
 @dataclass(frozen=True)
 class Limits:
     """Caps applied while decoding. Each is configurable from the server config (README, "Limits")."""
 
-    # 16 MiB: decoded size can reach ~70x the wire size for messages of many tiny items (the fuzzer
-    # found it), so the default keeps one hostile message to about a GiB; raise it for big arrays.
-    max_message_bytes: int = 16 * 1024 * 1024
-    max_str_len: int = 16 * 1024 * 1024  # one string
-    max_bin_len: int = 16 * 1024 * 1024  # one binary blob (an array's data)
+    # 64 MiB: an embedding batch or an array input fits. The coordinator never decodes a job's `input`
+    # (it forwards the bytes), so a message costs it about its wire size; the worker decodes one batch
+    # of inputs at a time, where tiny items may inflate ~70x (the fuzzer found it).
+    max_message_bytes: int = 64 * 1024 * 1024
+    max_str_len: int = 64 * 1024 * 1024  # one string
+    max_bin_len: int = 64 * 1024 * 1024  # one binary blob (an array's data)
     max_array_len: int = 1_000_000  # items in one list
     max_map_len: int = 100_000  # keys in one map
 
@@ -63,7 +67,7 @@ class NDArray:
         return {NDARRAY_KEY: True, "dtype": self.dtype, "shape": list(self.shape), "data": self.data}
 
 
-def _default(obj: Any) -> Any:
+def wire_default(obj: Any) -> Any:
     """msgpack hook for types it does not know: arrays become NDArray maps, tuples lists."""
     if isinstance(obj, NDArray):
         return obj.to_wire()
@@ -74,7 +78,7 @@ def _default(obj: Any) -> Any:
     raise TypeError(f"cannot encode {type(obj).__name__} on the wire")
 
 
-def _array_hook(d: dict) -> Any:
+def array_hook(d: dict) -> Any:
     if d.get(NDARRAY_KEY) is True and len(d) == 4:
         dtype, shape, data = d.get("dtype"), d.get("shape"), d.get("data")
         if isinstance(dtype, str) and isinstance(shape, list) and isinstance(data, bytes):
@@ -101,11 +105,17 @@ def peek_id(raw: bytes, max_keys: int = 8):
 
 class Codec:
     """Encode/decode wire messages. `arrays=True` turns NDArray maps into `NDArray` objects on decode;
-    the coordinator leaves it off because it forwards payloads without looking inside them."""
+    the coordinator leaves it off because it forwards payloads without looking inside them.
 
-    def __init__(self, limits: Limits | None = None, arrays: bool = False):
+    `opaque_input=True` (the coordinator's client socket) leaves a message's `input` value undecoded: it
+    arrives in the message as the client's msgpack bytes, checked only against `max_message_bytes` as part
+    of the whole message, and travels so to the worker, which decodes it under the same limits."""
+
+    def __init__(self, limits: Limits | None = None, arrays: bool = False, opaque_input: bool = False):
         self.limits = limits or Limits()
         self.arrays = arrays
+        self.opaque_input = opaque_input
+        self._reused = None  # the envelope decoder's Unpacker for small messages (one thread per Codec)
         lim = self.limits
         self._unpack_kw = dict(
             raw=False,
@@ -116,31 +126,91 @@ class Codec:
             max_ext_len=0,
         )
         if arrays:
-            self._unpack_kw["object_hook"] = _array_hook
+            self._unpack_kw["object_hook"] = array_hook
 
     def encode(self, msg: Message) -> bytes:
-        return msgpack.packb(msg.to_wire(), use_bin_type=True, default=_default)
+        return msgpack.packb(msg.to_wire(), use_bin_type=True, default=wire_default)
 
     def decode(self, raw: bytes) -> Message:
         return self.from_dict(self.unpack(raw))
 
     def unpack(self, raw: bytes) -> dict:
         """Bytes -> the raw map, enforcing limits; raises MalformedMessage or MessageTooLarge."""
-        if len(raw) > self.limits.max_message_bytes:
-            raise MessageTooLarge(
-                f"message of {len(raw)} bytes exceeds max_message_bytes={self.limits.max_message_bytes}",
-                peek_id(raw),
-            )
+        self._check_size(raw)
+        if self.opaque_input:
+            return self._unpack_envelope(raw)
+        d = self.unpack_value(raw)
+        if not isinstance(d, dict):
+            raise MalformedMessage(f"message must be a map, got {type(d).__name__}")
+        return d
+
+    def unpack_value(self, raw: bytes) -> Any:
+        """Any msgpack value (a job's input, on the worker), under the same limits."""
+        self._check_size(raw)
         try:
-            d = msgpack.unpackb(raw, **self._unpack_kw)
+            return msgpack.unpackb(raw, **self._unpack_kw)
         except ValueError as e:
             if "exceeds max_" in str(e) and "max_ext_len" not in str(e):  # ext types are refused
                 raise MessageTooLarge(f"message field too large: {e}") from None
             raise MalformedMessage(f"undecodable message: {e}") from None
         except Exception as e:  # msgpack raises several types for garbage (ExtraData, FormatError...)
             raise MalformedMessage(f"undecodable message: {type(e).__name__}: {e}") from None
-        if not isinstance(d, dict):
-            raise MalformedMessage(f"message must be a map, got {type(d).__name__}")
+
+    def _check_size(self, raw: bytes) -> None:
+        if len(raw) > self.limits.max_message_bytes:
+            raise MessageTooLarge(
+                f"message of {len(raw)} bytes exceeds max_message_bytes={self.limits.max_message_bytes}",
+                peek_id(raw),
+            )
+
+    def _unpack_envelope(self, raw: bytes) -> dict:
+        """The top-level map with its `input` value left as its raw msgpack bytes: skipped, never built,
+        so what a job's input contains costs the coordinator nothing beyond its wire size.
+
+        Small messages (the dispatch hot path) go through one reused Unpacker: making one per message
+        costs more than a whole `unpackb` of a small submit. Its buffer never holds more than
+        REUSE_MAX_BYTES; after any error it is replaced, so no half-read message stays in it."""
+        if len(raw) <= REUSE_MAX_BYTES:
+            if self._reused is None:
+                self._reused = msgpack.Unpacker(max_buffer_size=REUSE_MAX_BYTES + 1, **self._unpack_kw)
+            unpacker, base = self._reused, self._reused.tell()
+        else:
+            unpacker, base = msgpack.Unpacker(max_buffer_size=len(raw) + 1, **self._unpack_kw), 0
+        unpacker.feed(raw)
+        try:
+            return self._walk_envelope(unpacker, raw, base)
+        except BaseException:
+            self._reused = None
+            raise
+
+    def _walk_envelope(self, unpacker, raw: bytes, base: int) -> dict:
+        try:
+            size = unpacker.read_map_header()
+        except Exception as e:
+            raise MalformedMessage(f"message must be a map: {type(e).__name__}: {e}") from None
+        d = {}
+        try:
+            for _ in range(size):
+                key = unpacker.unpack()
+                if key == "input":
+                    start = unpacker.tell() - base
+                    unpacker.skip()
+                    d[key] = raw[start:unpacker.tell() - base]
+                elif isinstance(key, str):
+                    d[key] = unpacker.unpack()
+                else:
+                    raise MalformedMessage(f"message keys must be strings, got {type(key).__name__}")
+        except ProtocolError:
+            raise
+        except ValueError as e:
+            if "exceeds max_" in str(e) and "max_ext_len" not in str(e):
+                raise MessageTooLarge(f"message field too large: {e}") from None
+            raise MalformedMessage(f"undecodable message: {type(e).__name__}: {e}") from None
+        except Exception as e:  # OutOfData (truncated), a non-map top level (ValueError above)...
+            raise MalformedMessage(f"undecodable message: {type(e).__name__}: {e}") from None
+        left = len(raw) - (unpacker.tell() - base)
+        if left:
+            raise MalformedMessage(f"undecodable message: {left} bytes after the map")
         return d
 
     @staticmethod

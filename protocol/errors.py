@@ -22,13 +22,14 @@ INVALID_INPUT = "invalid_input"  # the handler rejected the job's input (prompt 
 HANDLER_ERROR = "handler_error"  # the handler raised; message carries a short traceback
 WORKER_CRASHED = "worker_crashed"  # the job's workers died retries+1 times; message names exit reasons
 COLLECTIVE_MISMATCH = "collective_mismatch"  # a TP group's ranks disagreed before a collective step
+LOAD_FAILED = "load_failed"  # w_fatal only (worker -> coordinator): the handler or TP group did not load
 SCALE_ERROR = "scale_error"  # scale request cannot be met (not enough free devices); nothing changed
 INTERNAL = "internal"  # a bug in the coordinator; the request was not processed
 
 ALL_CODES = (
     BAD_REQUEST, UNSUPPORTED_VERSION, UNKNOWN_OP, UNKNOWN_POOL, UNKNOWN_JOB, TOO_LARGE, OVERLOADED,
     UNAVAILABLE, SHUTTING_DOWN, CANCELLED, TIMEOUT, INVALID_INPUT, HANDLER_ERROR, WORKER_CRASHED,
-    COLLECTIVE_MISMATCH, SCALE_ERROR, INTERNAL,
+    COLLECTIVE_MISMATCH, LOAD_FAILED, SCALE_ERROR, INTERNAL,
 )
 
 

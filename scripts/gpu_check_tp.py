@@ -9,7 +9,7 @@ about 1B parameters built here (float32), TP=2 `generate` groups over NCCL.
   guard     the collective guard's cost per step against the step period, over a decode-heavy load
             (goal: < 1% of step time), plus tokens/s;
   mismatch  an injected asymmetric batch (rank 1 shows the guard a different fingerprint for a forward of
-            SKEW tokens; worker.handlers.tp_test:SkewedGenerateHandler) -> `collective_mismatch` naming
+            SKEW tokens; tests.tp_handlers:SkewedGenerateHandler) -> `collective_mismatch` naming
             rank 1, within the budget, then a group restart and serving again;
   kill      SIGKILL of rank 1 mid-generation -> group restart, the job retried to the same greedy output.
 
@@ -330,7 +330,7 @@ def run(args) -> list:
     dev = {"tp2": "cpu:2", "tp1": "cpu:1", "tp1x2": "cpu:2"} if args.cpu else \
         {"tp2": "0,1", "tp1": "0", "tp1x2": "2,3"}
     checks = []
-    tp2 = pool_toml("tp2", "worker.handlers.tp_test:SkewedGenerateHandler", dev["tp2"], 2,
+    tp2 = pool_toml("tp2", "tests.tp_handlers:SkewedGenerateHandler", dev["tp2"], 2,
                     {**gen_cfg, "skew_tokens": SKEW})
     if args.mixed:
         toml = tp2 + pool_toml("tp1", "generate", dev["tp1x2"], 1, gen_cfg)

@@ -87,3 +87,28 @@ class HoldUntilFile(Handler):
         while not os.path.exists(job.input["until"]):
             time.sleep(0.01)
         return {"done": True}
+
+
+class DeviceRoundTrip(Handler):
+    """The handler transfer API end to end (worker/transfers.py): input {"x": ndarray, "delay_cycles": int
+    (optional)} -> {"y": 2 * x + 1 (float32 ndarray), "device": where y was computed}.
+
+    On a CUDA worker `delay_cycles` queues a sleep kernel on the compute stream before y is written, so a
+    device-to-host copy that did not wait for the compute stream would read y's memory before it holds y
+    (scripts/gpu_check_streams.py, check "worker"). On a CPU worker the API is a plain conversion.
+    """
+
+    capacity = 4
+
+    def load(self) -> None:
+        import torch
+
+        self.torch = torch
+
+    def run(self, job: Job):
+        torch = self.torch
+        x = self.ctx.to_device(job.input["x"])
+        if x.device.type == "cuda" and job.input.get("delay_cycles"):
+            torch.cuda._sleep(int(job.input["delay_cycles"]))
+        y = x.float() * 2 + 1
+        return {"y": self.ctx.to_host(y), "device": str(y.device)}

@@ -360,3 +360,155 @@ def test_fuzz_structured_maps(d):
 @given(_valid_raw, st.data())
 def test_fuzz_mutated_valid_messages(raw, data):
     _decode_is_total(_mutate(raw, data))
+
+
+# ----------------------------------------------------------------------------- the worker contract
+
+
+def _spec(**kw):
+    from protocol.workerspec import WorkerSpec
+
+    base = dict(wid="gen/0#1", slot="gen/0", pool="gen", handler="generate", devices=["0", "1"],
+                incarnation=3, endpoint="ipc:///run/x/workers", parent_pid=1234, hb_interval=0.5,
+                coord_timeout=10.0)
+    return WorkerSpec(**{**base, **kw})
+
+
+def test_worker_spec_round_trips_through_argv_text_with_its_defaults():
+    from protocol.workerspec import GUARD_TIMEOUT_S, WorkerSpec
+
+    spec = _spec(rank=1, world_size=2, cores=[2, 3], config={"model": "m", "cb": {"num_blocks": 8}},
+                 limits={"max_str_len": 10}, spawned_at=12.5)
+    text = spec.encode()
+    assert text.isascii() and "\x00" not in text  # argv-safe
+    back = WorkerSpec.decode(text)
+    assert back == spec and back.input_limits() == Limits(max_str_len=10)
+    plain = WorkerSpec.decode(_spec().encode())
+    defaults = (plain.guard_timeout, plain.rank, plain.config, plain.log_level)
+    assert defaults == (GUARD_TIMEOUT_S, 0, {}, "INFO")
+
+
+@pytest.mark.parametrize("change, match", [
+    (lambda d: d.pop("endpoint"), "missing field 'endpoint'"),
+    (lambda d: d.update(colour="red"), r"unknown field\(s\) \['colour'\]"),
+    (lambda d: d.update(rank="1"), "field 'rank' has wrong type str"),
+    (lambda d: d.update(cores="0-3"), "field 'cores' has wrong type str"),
+    (lambda d: d.update(limits={"max_nope": 1}), "bad 'limits'"),
+])
+def test_worker_spec_decode_names_what_is_wrong(change, match):
+    import base64
+    import dataclasses
+
+    from protocol.workerspec import WorkerSpec
+
+    d = dataclasses.asdict(_spec())
+    change(d)
+    text = base64.urlsafe_b64encode(msgpack.packb(d)).decode()
+    with pytest.raises(BadField, match=match):
+        WorkerSpec.decode(text)
+
+
+def test_worker_spec_refuses_text_that_is_not_a_spec():
+    from protocol.workerspec import WorkerSpec
+
+    for text in ("{\"wid\": 1}", "!!!", base64_of(msgpack.packb([1, 2]))):
+        with pytest.raises(BadField):
+            WorkerSpec.decode(text)
+
+
+def base64_of(raw: bytes) -> str:
+    import base64
+
+    return base64.urlsafe_b64encode(raw).decode()
+
+
+def test_routing_ids_come_from_one_function():
+    import doctest
+
+    import protocol.workerspec
+    from protocol.workerspec import CONTROL, DATA, routing_id
+
+    assert doctest.testmod(protocol.workerspec).failed == 0
+    spec = _spec()
+    assert spec.routing_id(CONTROL) == routing_id(CONTROL, "gen/0#1", 3) == b"c:gen/0#1:3"
+    assert spec.routing_id(DATA) == b"d:gen/0#1:3"
+    with pytest.raises(ValueError):
+        routing_id("x", "gen/0", 0)
+
+
+def test_worker_sends_only_codes_defined_in_protocol_errors():
+    """No bare error-code strings in worker/: every code it sends is a constant of protocol/errors.py.
+    (Docstrings and comparisons, such as matching "timeout" in an exception's text, are not codes.)"""
+    import ast
+
+    from protocol.errors import LOAD_FAILED
+
+    assert LOAD_FAILED in ALL_CODES
+    found = []
+    for path in sorted((REPO / "worker").rglob("*.py")):
+        tree = ast.parse(path.read_text())
+        skip = {id(n.body[0].value) for n in ast.walk(tree)
+                if isinstance(n, (ast.Module, ast.ClassDef, ast.FunctionDef)) and n.body
+                and isinstance(n.body[0], ast.Expr) and isinstance(n.body[0].value, ast.Constant)}
+        skip |= {id(c) for n in ast.walk(tree) if isinstance(n, ast.Compare)
+                 for c in [n.left, *n.comparators]}
+        found += [f"{path.relative_to(REPO)}:{n.lineno}: {n.value!r}" for n in ast.walk(tree)
+                  if isinstance(n, ast.Constant) and n.value in ALL_CODES and id(n) not in skip]
+    assert found == []
+
+
+# ----------------------------------------------------------------------------- input passes through unread
+
+
+def test_the_coordinators_codec_leaves_input_as_its_msgpack_bytes():
+    value = {"texts": ["a", "b" * 100], "x": NDArray("float32", (2,), b"\x00" * 8).to_wire(), "n": [None] * 5}
+    raw = msgpack.packb({"v": 1, "op": "submit", "id": 7, "input": value, "pool": "p", "stream": True})
+    msg = Codec(opaque_input=True).decode(raw)
+    assert isinstance(msg, Submit) and (msg.id, msg.pool, msg.stream) == (7, "p", True)
+    assert msg.input == msgpack.packb(value)  # exactly the client's bytes
+    worker = Codec(arrays=True)
+    decoded = worker.unpack_value(msg.input)
+    assert decoded["texts"] == value["texts"] and isinstance(decoded["x"], NDArray)
+    # ... and an envelope without input, or with a nil one
+    bare = msgpack.packb({"v": 1, "op": "submit", "id": 1, "pool": "p"})
+    assert Codec(opaque_input=True).decode(bare).input is None
+
+
+def test_the_coordinator_never_builds_what_input_holds():
+    """Limits on strings/arrays/maps inside `input` are the worker's to apply: the coordinator skips the value
+    unbuilt (its own map, string and array limits still hold for the envelope)."""
+    limits = Limits(max_str_len=8, max_array_len=4, max_map_len=8)
+    inner = msgpack.packb([list(range(100)), "x" * 1000, {str(i): i for i in range(50)}])
+    raw = msgpack.packb({"v": 1, "op": "submit", "id": 1, "pool": "p", "input": None})[:-1] + inner
+    assert Codec(limits, opaque_input=True).decode(raw).input == inner
+    with pytest.raises(MessageTooLarge):
+        Codec(limits, arrays=True).unpack_value(inner)  # the worker's decode: too_large for that job
+    with pytest.raises(MessageTooLarge):
+        long_pool = msgpack.packb({"v": 1, "op": "submit", "id": 1, "pool": "p" * 9})
+        Codec(limits, opaque_input=True).decode(long_pool)
+
+
+@pytest.mark.parametrize("raw", [
+    msgpack.packb({"v": 1, "op": "submit", "id": 1, "pool": "p", "input": [1, 2]})[:-1],  # truncated
+    msgpack.packb({"v": 1, "op": "submit", "id": 1, "pool": "p"}) + b"\x01",  # bytes after the map
+    msgpack.packb([1, 2]),  # not a map
+    msgpack.packb({1: 2, "v": 1}, strict_types=False),  # a non-string key
+    b"",
+])
+def test_a_bad_envelope_is_still_refused_with_input_left_undecoded(raw):
+    codec = Codec(opaque_input=True)
+    good = msgpack.packb({"v": 1, "op": "submit", "id": 2, "pool": "p", "input": {"k": [1]}})
+    assert codec.decode(good).input == msgpack.packb({"k": [1]})
+    with pytest.raises(MalformedMessage):
+        codec.decode(raw)
+    assert codec.decode(good).input == msgpack.packb({"k": [1]})  # nothing of the bad one is left over
+
+
+def test_envelopes_small_and_large_decode_alike_one_after_another():
+    """Small envelopes share one Unpacker, large ones get their own: interleaved, each comes out whole."""
+    codec = Codec(opaque_input=True)
+    for i, size in enumerate([10, 200_000, 30, 70_000, 65_000, 5]):
+        value = {"s": "x" * size, "i": i}
+        raw = msgpack.packb({"v": 1, "op": "submit", "id": i, "pool": "p", "input": value, "stream": True})
+        msg = codec.decode(raw)
+        assert (msg.id, msg.stream, msgpack.unpackb(msg.input)) == (i, True, value)

@@ -180,7 +180,8 @@ def test_placement_two_workers_per_node_with_distinct_devices(cluster, tmp_path,
 
 @pytest.mark.slow
 def test_tp_groups_stay_within_one_node_and_all_reduce(cluster, tmp_path, servers):
-    s = start(tmp_path, cluster, '[pools.tp]\nhandler = "tp_allreduce"\ndevices = "ray:4"\ntp = 2\n')
+    s = start(tmp_path, cluster, '[pools.tp]\nhandler = "tests.tp_handlers:AllReduceHandler"\n'
+                                 'devices = "ray:4"\ntp = 2\n')
     servers.append(s)
     c = s.client()
     jobs = [(v, c.submit("tp", {"value": v})) for v in range(-3, 9)]
@@ -291,11 +292,11 @@ def test_a_connection_without_the_runs_key_gets_nothing(cluster, tmp_path, serve
 
 
 def _server_key_from_a_worker(s: Server) -> bytes:
-    import json
+    from protocol.workerspec import WorkerSpec
 
     pid = s.workers("echo")[0]["pids"][0]
     argv = psutil.Process(pid).cmdline()
-    return json.loads(argv[argv.index("--spec") + 1])["curve"]["server_public"].encode()
+    return WorkerSpec.decode(argv[argv.index("--spec") + 1]).curve_keys().serverkey
 
 
 def _dealer(ctx, endpoint: str, keys: tuple | None = None) -> tuple:

@@ -433,13 +433,16 @@ def test_no_client_request_has_a_field_that_names_code():
 BANNED_MODULES = {"pickle", "cPickle", "_pickle", "dill", "marshal", "shelve", "cloudpickle",
                   "joblib", "jsonpickle"}
 BANNED_BUILTINS = {"eval", "exec", "compile", "__import__"}
+# torch.distributed's object collectives pickle their payload (all_gather_object, broadcast_object_list,
+# gather_object, scatter_object_list, send_object_list, recv_object_list...): any call whose name ends so.
+OBJECT_COLLECTIVE = re.compile(r"_object(_list)?$")
 # Dynamic imports are allowed only where the name comes from the server's own config.
 DYNAMIC_IMPORT_OK = {"worker/handlers/__init__.py"}
 
 
 def violations(source: str, where: str) -> list[str]:
-    """Pickle-family imports, eval/exec/compile/__import__ calls, unpickling loaders,
-    trust_remote_code=True, and dynamic imports outside DYNAMIC_IMPORT_OK."""
+    """Pickle-family imports, eval/exec/compile/__import__ calls, unpickling loaders, object
+    collectives (they pickle), trust_remote_code=True, and dynamic imports outside DYNAMIC_IMPORT_OK."""
     found = []
     for node in ast.walk(ast.parse(source, where)):
         line = f"{where}:{getattr(node, 'lineno', '?')}"
@@ -468,6 +471,9 @@ def _call_violations(node: ast.Call, where: str) -> list[str]:
             out.append("importlib.import_module")
     if isinstance(func, ast.Name) and func.id == "import_module" and where not in DYNAMIC_IMPORT_OK:
         out.append("import_module")
+    name = func.attr if isinstance(func, ast.Attribute) else getattr(func, "id", "")
+    if OBJECT_COLLECTIVE.search(name):
+        out.append(f"{name}() (an object collective: it pickles)")
     if _is_true(kw.get("trust_remote_code")):
         out.append("trust_remote_code=True")
     return out
@@ -480,9 +486,13 @@ def _is_true(node) -> bool:
 def test_scanner_catches_what_it_claims_to():
     planted = ("import pickle\nfrom dill import loads\nimport marshal as m\neval('1')\nexec('x=1')\n"
                "torch.load(f)\nnp.load(f, allow_pickle=True)\n__import__('os')\n"
-               "importlib.import_module(name)\nAutoModel.from_pretrained(p, trust_remote_code=True)\n")
-    assert len(violations(planted, "x.py")) == 10
-    harmless = "model.eval()\ntorch.load(f, weights_only=True)\nnp.load(f)\nx = 'pickle eval('\n"
+               "importlib.import_module(name)\nAutoModel.from_pretrained(p, trust_remote_code=True)\n"
+               "dist.broadcast_object_list(x, src=0)\ndist.all_gather_object(out, x)\n"
+               "torch.distributed.gather_object(x)\nscatter_object_list(o, i)\ndist.send_object_list(x, 1)\n"
+               "recv_object_list(x, 0)\n")
+    assert len(violations(planted, "x.py")) == 16
+    harmless = ("model.eval()\ntorch.load(f, weights_only=True)\nnp.load(f)\nx = 'pickle eval('\n"
+                "dist.broadcast(t, src=0)\ndist.all_gather(ts, t)\nobject_list(x)\nobjects()\n")
     assert violations(harmless, "x.py") == []
 
 

@@ -408,3 +408,92 @@ def test_socket_fuzz(serve):
     # Bad input is logged rate-limited (20 lines/s plus "suppressed" counts), not line per frame.
     assert log_lines < 60 * (elapsed + 2), log_lines
     poll_until(lambda: "similar messages suppressed" in s.log(), TIMEOUT, what="a suppression line")
+
+
+# ---------------------------------------------------------------------------- inputs pass through unread
+
+INFLATING_ITEMS = 999_999  # under the default max_array_len
+INFLATING_JOBS = 6
+
+
+def inflating_submit(rid) -> bytes:
+    """A submit whose input is ~1 MB on the wire but ~64 MB as Python objects: an array of empty arrays
+    (one byte each on the wire, a list object each once decoded), the ~70x the fuzzer found."""
+    head = msgpack.packb({"v": 1, "op": "submit", "id": rid, "pool": "sleep", "input": None})[:-1]
+    return head + b"\xdd" + INFLATING_ITEMS.to_bytes(4, "big") + b"\x90" * INFLATING_ITEMS
+
+
+@pytest.mark.slow
+def test_coordinator_memory_per_job_does_not_depend_on_what_input_holds(serve):
+    """The coordinator forwards `input` as bytes (protocol/codec.py, opaque_input): a queued job costs it
+    about its wire size. Jobs queue behind a sleeping one; the coordinator's RSS may grow by a few times
+    their wire size (the frame, the bytes kept for the worker), never by the ~64x a decode would cost."""
+    s = serve(["--handler", "sleep", "--devices", "cpu:1"], timeout=TIMEOUT)
+    coordinator = s.proc.pid
+    ctx = zmq.Context()
+    sock = ctx.socket(zmq.DEALER)
+    sock.setsockopt(zmq.LINGER, 0)
+    sock.connect(s.address)
+    try:
+        busy = [f"busy{i}" for i in range(s.workers("sleep")[0]["capacity"])]  # every credit taken
+        for rid in busy:
+            sock.send(msgpack.packb({"v": 1, "op": "submit", "id": rid, "pool": "sleep",
+                                     "input": {"ms": 600_000}}))
+        poll_until(lambda: s.status()["pools"]["sleep"]["inflight"] == len(busy), TIMEOUT, 0.05, "busy jobs")
+        wire = len(inflating_submit(0))
+        before = rss(coordinator)
+        for rid in range(INFLATING_JOBS):
+            sock.send(inflating_submit(rid))
+        poll_until(lambda: s.status()["pools"]["sleep"]["queue_depth"] == INFLATING_JOBS, TIMEOUT, 0.05,
+                   "the jobs to queue")
+        per_job = (rss(coordinator) - before) / INFLATING_JOBS
+        print(f"\ncoordinator RSS per queued job: {per_job / 2**20:.2f} MiB for {wire / 2**20:.2f} MiB on "
+              f"the wire ({per_job / wire:.1f}x; decoding the input would cost ~64x)")
+        assert per_job < 8 * wire, f"{per_job / wire:.1f}x the wire size per queued job"
+        jobs = [*range(INFLATING_JOBS), *busy]
+        for rid in jobs:
+            sock.send(msgpack.packb({"v": 1, "op": "cancel", "id": f"c{rid}", "job": rid}))
+        replies = []
+        while len(replies) < 2 * len(jobs):  # an ok per cancel, a `cancelled` error per job
+            assert sock.poll(int(TIMEOUT * 1000)), replies
+            replies.append(msgpack.unpackb(sock.recv()))
+        assert sum(r.get("code") == "cancelled" for r in replies) == len(jobs), replies
+    finally:
+        ctx.destroy(linger=0)
+
+
+@pytest.mark.slow
+def test_an_input_the_worker_cannot_decode_fails_that_job_alone(serve):
+    """The worker decodes `input` under the client limits: a bad one gets its code for that job only; the
+    same worker process goes on serving (no restart). Nesting past msgpack's depth limit cannot even be
+    skipped: the coordinator refuses that message whole (bad_request, null id), as before."""
+    s = serve(SERVER_ARGS, timeout=TIMEOUT)
+    pids = s.worker_pids()
+    ctx = zmq.Context()
+    sock = ctx.socket(zmq.DEALER)
+    sock.setsockopt(zmq.LINGER, 0)
+    sock.connect(s.address)
+    head = msgpack.packb({"v": 1, "op": "submit", "pool": "echo", "id": 0, "input": None})[:-1]
+    cases = {
+        "ext": (msgpack.packb(msgpack.ExtType(5, b"x")), "bad_request"),
+        "long string": (msgpack.packb("x" * 70_000), "too_large"),
+        "long list": (msgpack.packb(list(range(1001))), "too_large"),
+    }
+    try:
+        for rid, (inner, _code) in enumerate(cases.values()):
+            sock.send(head.replace(b"\xa2id\x00", b"\xa2id" + msgpack.packb(rid + 1)) + inner)
+        sock.send(head.replace(b"\xa2id\x00", b"\xa2id\x63") + b"\x91" * 5000 + b"\xc0")  # id 99, deep
+        sock.send(msgpack.packb({"v": 1, "op": "submit", "pool": "echo", "id": 100, "input": [1, "two"]}))
+        replies = {}
+        while len(replies) < len(cases) + 2:
+            assert sock.poll(int(TIMEOUT * 1000)), replies
+            reply = msgpack.unpackb(sock.recv())
+            replies[reply["id"]] = reply
+    finally:
+        ctx.destroy(linger=0)
+    for rid, (what, (_inner, code)) in enumerate(cases.items(), 1):
+        assert (replies[rid]["op"], replies[rid]["code"]) == ("error", code), (what, replies[rid])
+        assert replies[rid]["message"].startswith("input: "), replies[rid]
+    assert (replies[None]["op"], replies[None]["code"]) == ("error", "bad_request"), replies[None]
+    assert replies[100]["op"] == "result" and replies[100]["output"] == [1, "two"]
+    assert s.worker_pids() == pids and s.workers("echo")[0]["restarts"] == 0

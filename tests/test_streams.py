@@ -1,7 +1,8 @@
-"""CPU tests of TransferPool's bookkeeping.
+"""CPU tests of TransferPool's bookkeeping, and of the handler transfer API through a real worker.
 
 Only the CUDA stream and event objects are fakes (FakeCuda below); the pool, its buffers and the
 copies are real torch code on CPU tensors. The fakes log every record, wait and copy in order.
+scripts/gpu_check_streams.py runs the same API through a real worker on a GPU.
 """
 from __future__ import annotations
 
@@ -15,7 +16,9 @@ from pathlib import Path
 import pytest
 import torch
 
-from worker.streams import ComputeStreams, PoolExhausted, StreamOps, TransferPool, host_alloc
+from tests.conftest import poll_until
+
+from worker.streams import PoolExhausted, StreamOps, TransferPool, host_alloc
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -265,39 +268,6 @@ def test_wait_failing_returns_everything_and_reraises(cuda):
     assert all_free(pool) and pool.stats()["failures"] == 1
 
 
-def test_failing_job_returns_tickets_of_its_group(cuda):
-    from worker.streams import TicketGroup
-
-    cuda.auto_complete = False
-    pool = make_pool(cuda)
-    compute = FakeStream(cuda, "compute")
-    with pytest.raises(ValueError, match="job failed"):
-        with TicketGroup() as group:
-            for _ in range(3):
-                group.add(pool.to_host_async(torch.ones(8), compute_stream=compute))
-            group.add(pool.to_device(torch.ones(8), compute_stream=compute)[1])
-            assert pool.stats()["in_flight"] == 4
-            raise ValueError("job failed")
-    assert all_free(pool) and pool.stats()["failures"] == 0
-
-
-def test_fence_records_once_for_many_copies_and_returns_its_event(cuda):
-    pool = make_pool(cuda)
-    compute = FakeStream(cuda, "compute")
-    src = [torch.full((4,), float(i)) for i in range(3)]
-    with pool.fence(compute) as fence:
-        tickets = [pool.to_host_async(t, fence=fence) for t in src]
-        assert pool.stats()["events_free"] == pool.stats()["events_total"] - 1 - 3
-    on_compute = [e for e in cuda.log if e[0] == "record" and e[2] == "compute"]
-    waits = [e for e in cuda.log if e[0] == "wait"]
-    assert len(on_compute) == 1 and {w[2] for w in waits} == {fence.event.name}
-    assert [t.wait()[0].item() for t in tickets] == [0.0, 1.0, 2.0] and all_free(pool)
-    with pytest.raises(ValueError, match="closed"):
-        pool.to_host_async(src[0], fence=fence)
-    with pool.fence(compute) as fence2, pytest.raises(ValueError, match="contiguous"):
-        pool.to_host_async(torch.ones(4, 4).t(), fence=fence2)
-
-
 def test_payload_larger_than_buffer_grows_a_buffer_without_adding_one(cuda):
     pool = make_pool(cuda, buffer_bytes=64)
     big = torch.arange(1000, dtype=torch.float64)
@@ -317,22 +287,48 @@ def test_close_drains_and_refuses_new_transfers(cuda):
         pool.start()
 
 
-def test_compute_streams_one_per_thread(cuda):
-    streams = ComputeStreams("cpu", ops=cuda.ops())
-    mine = streams.get()
-    assert streams.get() is mine
-    theirs = []
-    worker = threading.Thread(target=lambda: theirs.append(streams.get()))
-    worker.start()
-    worker.join()
-    assert theirs[0] is not mine
-    with streams.use() as entered:
-        assert entered is mine and cuda.current.stream is mine
-    assert getattr(cuda.current, "stream", None) is None
-
-
 def test_no_module_level_stream_state():
     import worker.streams as ws
 
     names = [n for n, v in vars(ws).items() if "stream" in n.lower() and not callable(v)]
     assert names == [], f"module-level stream state: {names}"
+
+
+# ----------------------------------------------------------------------------- the handler API, in a worker
+
+ROUND_TRIP_TOML = """
+[pools.cpu]
+handler = "tests.handlers_for_tests:DeviceRoundTrip"
+devices = "cpu:1"
+
+[pools.gpuid]
+handler = "tests.handlers_for_tests:DeviceRoundTrip"
+devices = "0"
+"""
+
+
+@pytest.mark.slow
+def test_ctx_to_device_and_to_host_round_trip_arrays_through_a_real_worker(serve, tmp_path):
+    """ctx.to_device/to_host on a CPU worker, and on a worker given a GPU id on a machine without CUDA
+    (its device is cuda:0 but it converts on the host): values exact, and the heartbeat's transfer counts
+    (status, per rank) show that the API carried them."""
+    import numpy as np
+
+    config = tmp_path / "serve.toml"
+    config.write_text(ROUND_TRIP_TOML)
+    s = serve(["--config", str(config)], timeout=120)
+    client = s.client(timeout=60)
+    rng = np.random.default_rng(14)
+    for pool in ("cpu", "gpuid"):
+        for shape, dtype in (((3, 5), np.float32), ((7,), np.int64), ((2, 2, 2), np.float64)):
+            x = (rng.standard_normal(shape) * 100).astype(dtype)
+            out = client.run(pool, {"x": x}, timeout=60)
+            assert out["device"] == "cpu"
+            assert np.array_equal(out["y"].to_numpy(), x.astype(np.float32) * 2 + 1)
+
+    def counted(pool):
+        stats = s.workers(pool)[0]["ranks"][0]["transfers"]
+        return stats if stats and stats["transfers"] >= 6 else None
+    for pool in ("cpu", "gpuid"):
+        stats = poll_until(lambda: counted(pool), 30, 0.1, f"{pool}: transfer counts in a heartbeat")
+        assert stats == {"kind": "host", "transfers": 6}

@@ -22,6 +22,7 @@ import zmq
 
 from orchestrator.client import RequestError
 from orchestrator.stale import find_stale
+from protocol.workerspec import WorkerSpec
 from protocol import Codec
 from protocol.messages import Error, Ok, Result, Status, Submit
 from tests.conftest import REPO, poll_until
@@ -429,10 +430,11 @@ def _dead_pid() -> int:
 def test_stale_worker_is_reported_and_killed_with_kill_stale(serve, tmp_path):
     """A process that looks like a worker (`-m worker --spec ...`) whose coordinator pid is gone:
     what PR_SET_PDEATHSIG leaves behind when it cannot act (a real worker would exit by itself)."""
-    spec = {"wid": "ghost/0", "parent_pid": _dead_pid(), "devices": ["cpu0"],
-            "endpoint": f"ipc://{tmp_path}/gone.sock"}
+    spec = WorkerSpec(wid="ghost/0", slot="ghost/0", pool="ghost", handler="echo", devices=["cpu0"],
+                      incarnation=0, endpoint=f"ipc://{tmp_path}/gone.sock", parent_pid=_dead_pid(),
+                      hb_interval=0.5, coord_timeout=10.0)
     ghost = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(300)",
-                              "-m", "worker", "--spec", json.dumps(spec)])
+                              "-m", "worker", "--spec", spec.encode()])
     threading.Thread(target=ghost.wait, daemon=True).start()  # reap it the moment it is killed
     try:
         found = poll_until(lambda: [s for s in find_stale() if s["pid"] == ghost.pid], 30, 0.1,

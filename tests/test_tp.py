@@ -1,7 +1,7 @@
 """Tensor-parallel groups on CPU: gloo, 2-rank groups, real `orchestrator serve` processes.
 
 Most tests share one server (module fixture) with two pools: `tp`, a TP=2 group running the all-reduce test
-handler (worker/handlers/tp_test.py), and `echo`, which must keep serving whatever happens to the group. Each
+handler (tests/tp_handlers.py), and `echo`, which must keep serving whatever happens to the group. Each
 test starts by waiting for the group to be ready, so the tests do not depend on their order.
 """
 from __future__ import annotations
@@ -29,7 +29,7 @@ RESTART_S = 120.0
 def _toml(once_dir) -> str:
     return textwrap.dedent(f"""
         [pools.tp]
-        handler = "tp_allreduce"
+        handler = "tests.tp_handlers:AllReduceHandler"
         devices = "cpu:2"
         tp = 2
         retries = 2
@@ -242,8 +242,9 @@ def test_sigstop_of_rank_1_is_detected_and_the_group_restarts(server):
 
 
 def test_graceful_stop_reaches_the_followers_through_rank_0(serve):
-    s = serve(["--handler", "tp_allreduce", "--devices", "cpu:2", "--tp", "2"], timeout=START_S)
-    assert s.client().run("tp_allreduce", {"value": 1}, timeout=60)["sum"] == 3.0
+    s = serve(["--pool", "tp", "--handler", "tests.tp_handlers:AllReduceHandler", "--devices", "cpu:2",
+               "--tp", "2"], timeout=START_S)
+    assert s.client().run("tp", {"value": 1}, timeout=60)["sum"] == 3.0
     assert s.terminate(timeout=120) == 0
     log = s.log()
     assert "rank 1: stopping: received SIGTERM" in log  # rank 0's stop plan, not the follower's own timeout
@@ -356,7 +357,7 @@ def test_tp2_generate_on_cpu_matches_tp1_and_recovers_from_a_mismatch_and_a_dead
     ref.terminate(timeout=120)
 
     config = json.dumps({"model": model, "skew_tokens": 13})  # a 13-token forward differs on rank 1
-    s = serve(["--pool", "generate", "--handler", "worker.handlers.tp_test:SkewedGenerateHandler",
+    s = serve(["--pool", "generate", "--handler", "tests.tp_handlers:SkewedGenerateHandler",
                "--handler-config", config, "--devices", "cpu:2", "--tp", "2"], env=env, timeout=START_S)
     c = s.client()
     handles = [c.submit("generate", {"input_ids": p, **greedy}) for p in prompts]
@@ -392,3 +393,23 @@ def _restarted_view(server: Server, pool: str, before: dict) -> dict | None:
     w = server.workers(pool)[0]
     new = w["state"] in ("ready", "busy") and len(w["pids"]) == 2 and not set(w["pids"]) & set(before["pids"])
     return w if new and w["restarts"] > before["restarts"] else None
+
+
+def test_a_plan_travels_as_msgpack_and_comes_back_equal():
+    """The step plan's wire form (worker/tp.py send_plan/receive_plan move these bytes in a uint8 tensor):
+    inputs of every msgpack type, arrays included, come back equal on the follower's side."""
+    import numpy as np
+
+    from protocol import NDArray
+    from worker.tp import decode_plan, encode_plan
+
+    array = np.arange(6, dtype=np.float32).reshape(2, 3)
+    plan = ("batch", [(1, {"x": 1.5, "s": "é", "b": b"\x00\xff", "l": [1, None]}, True), (2, array, False)])
+    kind, body = decode_plan(encode_plan(plan))
+    assert kind == "batch" and body[0] == plan[1][0]
+    jid, got, stream = body[1]
+    assert (jid, stream) == (2, False) and isinstance(got, NDArray)
+    assert np.array_equal(got.to_numpy(), array)
+    assert decode_plan(encode_plan(("stop", "drained"))) == ("stop", "drained")
+    with pytest.raises(TypeError):
+        encode_plan(("batch", [(3, object(), False)]))  # never pickled: an unknown type is refused

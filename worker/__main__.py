@@ -1,4 +1,4 @@
-"""Worker process entry point: ``python -m worker --spec JSON``. Started by the coordinator only.
+"""Worker process entry point: ``python -m worker --spec SPEC``. Started by the coordinator only.
 
 Order matters and is the reason this file exists:
 1. die with the parent (PR_SET_PDEATHSIG) before anything slow, so no orphan can outlive a SIGKILLed
@@ -12,11 +12,13 @@ from __future__ import annotations
 
 import argparse
 import ctypes
-import json
 import logging
 import os
 import signal
 import sys
+
+from protocol import ProtocolError
+from protocol.workerspec import WorkerSpec
 
 PR_SET_PDEATHSIG = 1
 EXIT_LOAD_FAILED = 4
@@ -39,34 +41,27 @@ def pin_cores(cores: list | None) -> None:
             logging.getLogger("worker").warning("could not set CPU affinity %s: %s", cores, e)
 
 
-def setup_logging(spec: dict) -> None:
+def setup_logging(spec: WorkerSpec) -> None:
     # The coordinator prefixes each captured line with the worker id; JSON mode keeps lines parseable.
     fmt = "%(levelname)s %(name)s: %(message)s"
-    logging.basicConfig(level=spec.get("log_level", "INFO"), format=fmt, stream=sys.stderr)
-
-
-def build_context(spec: dict):
-    from worker.handler import WorkerContext
-
-    rank, world = spec["rank"], spec["world_size"]
-    gpu = bool(os.environ.get("CUDA_VISIBLE_DEVICES"))
-    # Inside the worker, CUDA_VISIBLE_DEVICES renumbers our devices from 0; a TP rank uses cuda:<rank>.
-    device = f"cuda:{rank if world > 1 else 0}" if gpu else "cpu"
-    return WorkerContext(wid=spec["wid"], pool=spec["pool"], devices=spec["devices"], device=device,
-                         config=spec.get("config") or {}, rank=rank, world_size=world,
-                         node=spec.get("node"))
+    logging.basicConfig(level=spec.log_level, format=fmt, stream=sys.stderr)
 
 
 def main(argv: list | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m worker", description=__doc__)
-    parser.add_argument("--spec", required=True, help="worker spec as JSON (written by the coordinator)")
-    spec = json.loads(parser.parse_args(argv).spec)
-    die_with_parent(spec["parent_pid"])
-    pin_cores(spec.get("cores"))
+    parser.add_argument("--spec", required=True,
+                        help="worker spec, msgpack in URL-safe base64 (protocol/workerspec.py)")
+    try:
+        spec = WorkerSpec.decode(parser.parse_args(argv).spec)
+    except ProtocolError as e:  # a coordinator of another version, or a hand-made spec: one line
+        print(f"python -m worker: bad --spec: {e.message}", file=sys.stderr)
+        return 2
+    die_with_parent(spec.parent_pid)
+    pin_cores(spec.cores)
     setup_logging(spec)
     from worker.process import serve
 
-    code = serve(spec, build_context(spec))
+    code = serve(spec)
     # Skip interpreter teardown (torch, NCCL and gloo can take seconds to unwind); everything we own
     # was closed by serve() and the coordinator is waiting to reap us.
     sys.stdout.flush()

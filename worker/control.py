@@ -11,32 +11,30 @@ import logging
 import os
 import threading
 import time
+from typing import Callable
 
 import zmq
 
 from protocol import Codec, curve
 from protocol.messages import WCancel, WGroupInfo, WHeartbeat, WHello, WPing, WStop
+from protocol.workerspec import CONTROL, WorkerSpec
+from worker.handler import Progress
 
 log = logging.getLogger("worker.control")
 
 
-class Progress:
-    """How long the current step has run. The compute thread marks steps; heartbeats report the age."""
+class ControlState:
+    """What the coordinator told this worker on the control socket, for the threads that act on it (the
+    compute loop, a TP follower). Made first, so that every part of the worker can be built complete
+    around it: the control thread writes it; the others read it and are woken through `wake`."""
 
-    def __init__(self):
-        self._since: float | None = None
-
-    def begin(self) -> None:
-        self._since = time.monotonic()
-
-    tick = begin  # progress inside a long step (a streamed token) restarts the clock
-
-    def end(self) -> None:
-        self._since = None
-
-    def age(self) -> float | None:
-        since = self._since
-        return None if since is None else time.monotonic() - since
+    def __init__(self, wake: Callable[[], None]):
+        self.cancelled: set = set()  # job ids the client cancelled
+        self.stop_event = threading.Event()
+        self.stop_reason: str | None = None
+        self.group_info: dict | None = None  # TP rendezvous info relayed from rank 0
+        self.group_info_event = threading.Event()
+        self.wake = wake  # wakes the compute loop's poll, so a cancel or stop acts at once
 
 
 class ControlThread(threading.Thread):
@@ -47,16 +45,12 @@ class ControlThread(threading.Thread):
     coordinator ping for `coord_timeout` seconds.
     """
 
-    def __init__(self, zctx: zmq.Context, spec: dict, progress: Progress, cancelled: set):
+    def __init__(self, zctx: zmq.Context, spec: WorkerSpec, state: ControlState, progress: Progress,
+                 stats_fn: Callable[[], dict | None]):
         super().__init__(name="worker-control", daemon=True)
-        self.zctx, self.spec, self.progress, self.cancelled = zctx, spec, progress, cancelled
+        self.zctx, self.spec, self.state, self.progress = zctx, spec, state, progress
+        self.stats_fn = stats_fn
         self.codec = Codec()
-        self.stop_reason: str | None = None
-        self.stop_event = threading.Event()
-        self.group_info: dict | None = None
-        self.group_info_event = threading.Event()
-        self.stats_fn = lambda: None
-        self._wake = None
         self._closing = threading.Event()
 
     def run(self) -> None:
@@ -70,15 +64,15 @@ class ControlThread(threading.Thread):
         spec = self.spec
         sock = self.zctx.socket(zmq.DEALER)
         sock.setsockopt(zmq.LINGER, 0)
-        sock.setsockopt(zmq.ROUTING_ID, f"c:{spec['wid']}:{spec['incarnation']}".encode())
-        curve.apply_client(sock, curve.CurveClientKeys.from_spec(spec.get("curve")))
-        sock.connect(spec["endpoint"])
-        sock.send(self.codec.encode(WHello(spec["wid"], spec["incarnation"], os.getpid(), spec["rank"])))
+        sock.setsockopt(zmq.ROUTING_ID, spec.routing_id(CONTROL))
+        curve.apply_client(sock, spec.curve_keys())
+        sock.connect(spec.endpoint)
+        sock.send(self.codec.encode(WHello(spec.wid, spec.incarnation, os.getpid(), spec.rank)))
         return sock
 
     def _loop(self, sock: zmq.Socket) -> None:
-        interval = self.spec["hb_interval"]
-        coord_timeout = self.spec["coord_timeout"]
+        interval = self.spec.hb_interval
+        coord_timeout = self.spec.coord_timeout
         last_coord = time.monotonic()
         next_hb = 0.0
         beats = 0
@@ -88,7 +82,7 @@ class ControlThread(threading.Thread):
                 self._check_orphan(now - last_coord, coord_timeout)
                 stats = self._stats() if beats % 4 == 0 else None
                 sock.send(self.codec.encode(WHeartbeat(
-                    self.spec["wid"], self.spec["incarnation"], self.progress.age(), stats)))
+                    self.spec.wid, self.spec.incarnation, self.progress.age(), stats)))
                 beats += 1
                 next_hb = now + interval
             if sock.poll(max(1, int((next_hb - time.monotonic()) * 1000))):
@@ -105,25 +99,25 @@ class ControlThread(threading.Thread):
             return None
 
     def _check_orphan(self, silent_for: float, coord_timeout: float) -> None:
-        if os.getppid() != self.spec["parent_pid"]:
-            log.error("coordinator (pid %s) is gone; exiting", self.spec["parent_pid"])
+        if os.getppid() != self.spec.parent_pid:
+            log.error("coordinator (pid %s) is gone; exiting", self.spec.parent_pid)
             os._exit(3)
         if silent_for > coord_timeout:
             log.error("no coordinator heartbeat for %.1f s; exiting", silent_for)
             os._exit(3)
 
     def _on_message(self, raw: bytes) -> None:
-        msg = self.codec.decode(raw)
+        msg, state = self.codec.decode(raw), self.state
         if isinstance(msg, WCancel):
-            self.cancelled.add(msg.jid)
-            self._poke()
+            state.cancelled.add(msg.jid)
+            state.wake()
         elif isinstance(msg, WStop):
-            self.stop_reason = msg.reason
-            self.stop_event.set()
-            self._poke()
+            state.stop_reason = msg.reason
+            state.stop_event.set()
+            state.wake()
         elif isinstance(msg, WGroupInfo):
-            self.group_info = msg.info
-            self.group_info_event.set()
+            state.group_info = msg.info
+            state.group_info_event.set()
         elif not isinstance(msg, WPing):
             log.warning("unexpected control message %s", msg.OP)
 
@@ -132,11 +126,3 @@ class ControlThread(threading.Thread):
         self._closing.set()
         if self.is_alive():
             self.join(timeout)
-
-    def set_wake(self, wake) -> None:
-        """Callable that wakes the compute loop's poll (so a cancel or stop acts at once)."""
-        self._wake = wake
-
-    def _poke(self) -> None:
-        if self._wake is not None:
-            self._wake()

@@ -20,15 +20,70 @@ from __future__ import annotations
 
 import threading
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, Callable
 
-from protocol.errors import JobError
+from protocol.errors import INVALID_INPUT, JobError
+from worker.transfers import HostTransfers, Transfers
 
 
-@dataclass
+class Progress:
+    """How long the current step has run. The compute thread marks steps; heartbeats report the age, so
+    the coordinator's watchdog can tell a long step from a hung one."""
+
+    def __init__(self):
+        self._since: float | None = None
+
+    def begin(self) -> None:
+        self._since = time.monotonic()
+
+    tick = begin  # progress inside a long step (a streamed token) restarts the clock
+
+    def end(self) -> None:
+        self._since = None
+
+    def age(self) -> float | None:
+        since = self._since
+        return None if since is None else time.monotonic() - since
+
+
+class EventSink:
+    """Thread-safe outbox an EngineHandler reports through. The worker's compute loop drains it.
+
+    `notify` is set by the worker runtime and wakes its poll loop (an eventfd), so an event is sent
+    without waiting for a poll timeout.
+    """
+
+    def __init__(self, notify: Callable[[], None] = lambda: None):
+        self._lock = threading.Lock()
+        self._events: list[tuple] = []
+        self._notify = notify
+
+    def chunk(self, jid: int, data: Any) -> None:
+        self._put(("chunk", jid, data))
+
+    def result(self, jid: int, output: Any) -> None:
+        self._put(("result", jid, output))
+
+    def error(self, jid: int, code: str, message: str) -> None:
+        self._put(("error", jid, (code, message)))
+
+    def _put(self, event: tuple) -> None:
+        with self._lock:
+            self._events.append(event)
+        self._notify()
+
+    def drain(self) -> list[tuple]:
+        with self._lock:
+            events, self._events = self._events, []
+        return events
+
+
+@dataclass(frozen=True)
 class WorkerContext:
-    """What a handler knows about where it runs. Built by the worker before the handler."""
+    """What a handler knows about where it runs, and what it reports through. Built complete, once, by
+    the worker (worker/process.py `build_context`) before the handler is constructed; frozen, so no
+    module fills it in later. The defaults suit a handler run in-process (tests) on the CPU."""
 
     wid: str  # e.g. "gen/0"
     pool: str
@@ -39,11 +94,25 @@ class WorkerContext:
     world_size: int = 1
     node: str | None = None  # the Ray node id when Ray placed this worker; None when launched locally
     group: Any = None  # worker.tp.GroupRuntime for tp > 1, else None
-    sink: "EventSink | None" = None
-    streams: Any = None  # worker.streams.TransferPool on CUDA workers, else None
-    # Set by the runtime. An EngineHandler calls progress.tick() whenever its engine advances (a decode
-    # step, a finished request), so the watchdog can tell a long generation from a hung one.
-    progress: Any = None
+    # An EngineHandler reports chunks, results and errors here (thread-safe); the compute loop drains it.
+    sink: EventSink = field(default_factory=EventSink)
+    # An EngineHandler calls progress.tick() whenever its engine advances (a decode step, a finished
+    # request), so the watchdog can tell a long generation from a hung one.
+    progress: Progress = field(default_factory=Progress)
+    stats_fn: Callable[[], dict | None] = lambda: None  # the figures heartbeats carry (memory, guard cost)
+    # Host<->device copies of job payloads (worker/transfers.py): pooled CUDA streams on a GPU worker,
+    # plain conversions on a CPU one. Handlers use to_device/to_host below.
+    transfers: Transfers = field(default_factory=HostTransfers)
+
+    def to_device(self, array):
+        """A job's array input (NDArray or numpy) as a torch tensor on this worker's device. On a CUDA
+        worker the copy runs on a pooled transfer stream that the current compute stream waits on."""
+        return self.transfers.to_device(array)
+
+    def to_host(self, tensor):
+        """A tensor as a numpy array (an NDArray on the wire), copied device-to-host on a pooled transfer
+        stream after the current compute stream's work on it; on a CPU worker, a plain conversion."""
+        return self.transfers.to_host(tensor)
 
 
 class Job:
@@ -100,44 +169,12 @@ class Handler:
         """Release resources; called once when the worker stops."""
 
 
-class EventSink:
-    """Thread-safe outbox an EngineHandler reports through. The worker's compute loop drains it.
-
-    `notify` is set by the worker runtime and wakes its poll loop (an eventfd), so an event is sent
-    without waiting for a poll timeout.
-    """
-
-    def __init__(self, notify: Callable[[], None] = lambda: None):
-        self._lock = threading.Lock()
-        self._events: list[tuple] = []
-        self._notify = notify
-
-    def chunk(self, jid: int, data: Any) -> None:
-        self._put(("chunk", jid, data))
-
-    def result(self, jid: int, output: Any) -> None:
-        self._put(("result", jid, output))
-
-    def error(self, jid: int, code: str, message: str) -> None:
-        self._put(("error", jid, (code, message)))
-
-    def _put(self, event: tuple) -> None:
-        with self._lock:
-            self._events.append(event)
-        self._notify()
-
-    def drain(self) -> list[tuple]:
-        with self._lock:
-            events, self._events = self._events, []
-        return events
-
-
 class EngineHandler(Handler):
     """Asynchronous handler: jobs join a running engine and finish in any order.
 
     `add` must not block for long (the compute thread also receives new jobs). Every added job must
     end in exactly one `ctx.sink.result` or `ctx.sink.error`, including cancelled ones
-    (`error(jid, "cancelled", ...)`).
+    (`error(jid, protocol.errors.CANCELLED, ...)`).
     """
 
     capacity = 32
@@ -156,7 +193,7 @@ class EngineHandler(Handler):
         return False
 
 
-def check(cond: bool, message: str, code: str = "invalid_input") -> None:
+def check(cond: bool, message: str, code: str = INVALID_INPUT) -> None:
     """Validate handler input: raise JobError(code, message) unless cond."""
     if not cond:
         raise JobError(code, message)

@@ -15,11 +15,14 @@ from collections import deque
 import psutil
 import zmq
 
-from protocol import Codec, JobError, curve
+from protocol import Codec, JobError, ProtocolError, curve
 from protocol.codec import INTERNAL_LIMITS
+from protocol.errors import CANCELLED, HANDLER_ERROR, WORKER_CRASHED
 from protocol.messages import WChunk, WError, WReady, WResult, WRun
+from protocol.workerspec import DATA, WorkerSpec
+from worker.control import ControlState
 from worker.guard import GroupError
-from worker.handler import EngineHandler, EventSink, Handler, Job
+from worker.handler import EngineHandler, Handler, Job, Progress
 
 log = logging.getLogger("worker.runtime")
 
@@ -64,7 +67,7 @@ def outcome_error(exc: BaseException) -> tuple[str, str]:
     """Map a handler exception to (code, message) for an error reply."""
     if isinstance(exc, JobError):
         return exc.code, exc.message
-    return "handler_error", f"{type(exc).__name__}: {exc}\n{short_traceback(exc)}"
+    return HANDLER_ERROR, f"{type(exc).__name__}: {exc}\n{short_traceback(exc)}"
 
 
 class Wakeup:
@@ -87,52 +90,63 @@ class ComputeLoop:
     """Runs one handler. Construct cheaply; `start()` connects, loads and reports READY; `run()` serves
     until the control thread sets its stop event."""
 
-    def __init__(self, zctx: zmq.Context, spec: dict, handler: Handler, control, progress):
+    def __init__(self, zctx: zmq.Context, spec: WorkerSpec, handler: Handler, state: ControlState,
+                 wakeup: Wakeup):
         self.zctx, self.spec, self.handler = zctx, spec, handler
-        self.control, self.progress = control, progress
-        self.cancelled: set = control.cancelled
-        self.codec = Codec(INTERNAL_LIMITS, arrays=True)  # the coordinator applied the client limits
-        self.pending: deque[Job] = deque()
-        self.wakeup = Wakeup()
+        self.state, self.wakeup = state, wakeup
+        self.ctx = handler.ctx
+        self.progress: Progress = self.ctx.progress
+        self.cancelled: set = state.cancelled
+        self.codec = Codec(INTERNAL_LIMITS)  # worker traffic; each job's input is decoded on its own
+        # A job's input arrives as the client's msgpack bytes, unread by the coordinator: decoded here, when
+        # the job is taken to run, under the client limits (so at most a batch of inputs is ever decoded).
+        self.inputs = Codec(spec.input_limits(), arrays=True)
+        self.pending: deque[WRun] = deque()
         self.sock: zmq.Socket | None = None
         self.engine = isinstance(handler, EngineHandler)
         self.active: set[int] = set()  # engine jobs added and not yet ended
         self.errors = HandlerErrors()
-        self.group = handler.ctx.group  # TP: this rank's worker.tp.GroupRuntime (rank 0 leads), else None
+        self.group = self.ctx.group  # TP: this rank's worker.tp.GroupRuntime (rank 0 leads), else None
 
     def start(self) -> None:
-        self.control.set_wake(self.wakeup.set)
-        if self.engine:
-            self.handler.ctx.sink = EventSink(self.wakeup.set)
-        self.handler.ctx.progress = self.progress
         self.sock = self._connect()  # before load, so that a load failure can be reported on it
         self.progress.begin()  # loading counts as a step: a hung load is caught by the watchdog
         # Interpreter start and imports so far, from the coordinator's spawn stamp (same host clock).
-        spawned = self.spec.get("spawned_at")
+        spawned = self.spec.spawned_at
         boot_s = time.monotonic() - spawned if spawned else time.time() - psutil.Process().create_time()
         t0 = time.perf_counter()
         if self.group is not None:
             self.group.start(self.send)  # rendezvous first: a TP model loads into its group
         self.handler.load()
+        self.ctx.transfers.start()  # after load: the pool's CUDA objects need the torch the handler loaded
         self.progress.end()
         spec, h = self.spec, self.handler
-        capacity = int(spec.get("capacity") or h.capacity)
+        capacity = int(spec.capacity or h.capacity)
         # Where cold start goes, per worker: visible in status under info.
         info = {**h.info(), "boot_s": round(boot_s, 3), "load_s": round(time.perf_counter() - t0, 3)}
-        self.send(WReady(spec["wid"], spec["incarnation"], capacity, spec["devices"], h.replay_safe, info))
+        self.send(WReady(spec.wid, spec.incarnation, capacity, spec.devices, h.replay_safe, info))
 
     def _connect(self) -> zmq.Socket:
         sock = self.zctx.socket(zmq.DEALER)
         sock.setsockopt(zmq.LINGER, 2000)  # let final results flush on a graceful stop
         sock.setsockopt(zmq.SNDHWM, 0)  # never drop a result because a queue filled
         sock.setsockopt(zmq.RCVHWM, 0)
-        sock.setsockopt(zmq.ROUTING_ID, f"d:{self.spec['wid']}:{self.spec['incarnation']}".encode())
-        curve.apply_client(sock, curve.CurveClientKeys.from_spec(self.spec.get("curve")))
-        sock.connect(self.spec["endpoint"])
+        sock.setsockopt(zmq.ROUTING_ID, self.spec.routing_id(DATA))
+        curve.apply_client(sock, self.spec.curve_keys())
+        sock.connect(self.spec.endpoint)
         return sock
 
     def send(self, msg) -> None:
         self.sock.send(self.codec.encode(msg))
+
+    def send_output(self, msg) -> None:
+        """Send a result or chunk. An output msgpack cannot carry (nested too deep, a type it does not
+        know) fails its job with handler_error, never the worker."""
+        try:
+            raw = self.codec.encode(msg)
+        except (TypeError, ValueError, OverflowError) as e:
+            raise JobError(HANDLER_ERROR, f"the output cannot be sent: {type(e).__name__}: {e}") from None
+        self.sock.send(raw)
 
     # ------------------------------------------------------------------ main loop
 
@@ -140,7 +154,7 @@ class ComputeLoop:
         poller = zmq.Poller()
         poller.register(self.sock, zmq.POLLIN)
         poller.register(self.wakeup.fd, zmq.POLLIN)
-        while not self.control.stop_event.is_set():
+        while not self.state.stop_event.is_set():
             busy = bool(self.pending) and not self.engine
             events = poller.poll(0 if busy else IDLE_POLL_MS)
             if any(target == self.wakeup.fd for target, _ in events):
@@ -154,7 +168,7 @@ class ComputeLoop:
                 self.group.raise_if_failed()  # a failure seen on an engine thread ends the worker here
         self._finish_on_stop()
         if self.group is not None:
-            self.group.broadcast_stop(self.control.stop_reason)
+            self.group.broadcast_stop(self.state.stop_reason)
 
     def _receive(self) -> None:
         while True:
@@ -164,13 +178,27 @@ class ComputeLoop:
                 return
             msg = self.codec.decode(raw)
             if isinstance(msg, WRun):
-                self.pending.append(Job(msg.jid, msg.input, msg.stream, self.cancelled))
+                self.pending.append(msg)
+
+    def _take(self) -> Job | None:
+        """The next pending job with its input decoded, or None when that job already ended here
+        (cancelled, or an input that does not decode: that job alone fails, with the codec's code)."""
+        run = self.pending.popleft()
+        if run.jid in self.cancelled:
+            self._end(run.jid, WError(run.jid, CANCELLED, "cancelled before it started"))
+            return None
+        try:
+            value = None if run.input is None else self.inputs.unpack_value(run.input)
+        except ProtocolError as e:
+            self._end(run.jid, WError(run.jid, e.code, f"input: {e.message}"))
+            return None
+        return Job(run.jid, value, run.stream, self.cancelled)
 
     def _finish_on_stop(self) -> None:
         """A graceful stop arrives only once the coordinator has nothing in flight here; anything
         still pending is failed explicitly rather than dropped silently."""
-        for job in self.pending:
-            self.send(WError(job.jid, "worker_crashed", f"worker stopping: {self.control.stop_reason}"))
+        for run in self.pending:
+            self.send(WError(run.jid, WORKER_CRASHED, f"worker stopping: {self.state.stop_reason}"))
         self.pending.clear()
 
     # ------------------------------------------------------------------ synchronous handlers
@@ -178,10 +206,8 @@ class ComputeLoop:
     def _sync_turn(self) -> None:
         batch = []
         while self.pending and len(batch) < self.handler.max_batch:
-            job = self.pending.popleft()
-            if job.cancelled:
-                self._end(job.jid, WError(job.jid, "cancelled", "cancelled before it started"))
-            else:
+            job = self._take()
+            if job is not None:
                 batch.append(job)
         if not batch:
             return
@@ -216,11 +242,11 @@ class ComputeLoop:
             while True:
                 if job.cancelled:
                     gen.close()
-                    raise JobError("cancelled", "cancelled while streaming")
+                    raise JobError(CANCELLED, "cancelled while streaming")
                 chunk = next(gen)
                 self.progress.tick()
                 if job.stream:
-                    self.send(WChunk(job.jid, chunk))
+                    self.send_output(WChunk(job.jid, chunk))
         except StopIteration as stop:
             self._end(job.jid, WResult(job.jid, stop.value, (time.perf_counter() - start) * 1000))
         except GroupError:
@@ -229,7 +255,10 @@ class ComputeLoop:
             self._end(job.jid, self.errors.reply(job.jid, e))
 
     def _end(self, jid: int, msg) -> None:
-        self.send(msg)
+        try:
+            self.send_output(msg)
+        except JobError as e:
+            self.send(WError(jid, e.code, e.message))
         self.cancelled.discard(jid)
 
     # ------------------------------------------------------------------ engine handlers
@@ -237,12 +266,13 @@ class ComputeLoop:
     def _engine_turn(self) -> None:
         self._gather_burst()
         while self.pending:
-            job = self.pending.popleft()
-            self._engine_add(job)
+            job = self._take()
+            if job is not None:
+                self._engine_add(job)
         for jid in [j for j in self.active if j in self.cancelled]:
             self.cancelled.discard(jid)
             self.handler.cancel(jid)
-        for kind, jid, payload in self.handler.ctx.sink.drain():
+        for kind, jid, payload in self.ctx.sink.drain():
             self._engine_event(kind, jid, payload)
         if not self.active:
             self.progress.end()
@@ -267,9 +297,6 @@ class ComputeLoop:
             self._receive()
 
     def _engine_add(self, job: Job) -> None:
-        if job.cancelled:
-            self._end(job.jid, WError(job.jid, "cancelled", "cancelled before it started"))
-            return
         try:
             self.handler.add(job)
         except Exception as e:
@@ -292,6 +319,7 @@ class ComputeLoop:
     def close(self) -> None:
         try:
             self.handler.close()
+            self.ctx.transfers.close()
         finally:
             if self.group is not None:
                 self.group.close()

@@ -9,14 +9,14 @@ import psutil
 _PROC = psutil.Process()
 
 
-def device_stats(ctx) -> dict:
+def device_stats(devices: list) -> dict:
     """RSS plus, on GPU workers, memory used/total per device.
 
     NVML first: it needs no CUDA context, so the control thread never touches CUDA state that the
     compute thread owns. torch's counters are the fallback, read only once the handler started CUDA.
     """
     stats = {"rss_bytes": _PROC.memory_info().rss}
-    gpus = [d for d in ctx.devices if not str(d).startswith("cpu")]
+    gpus = [d for d in devices if not str(d).startswith("cpu")]
     if gpus:
         stats["gpu"] = _nvml_memory(gpus) or _torch_memory(len(gpus))
     return stats

@@ -1,10 +1,10 @@
-"""Host<->device copies of job payloads, and a compute stream per handler thread.
+"""Host<->device copies of job payloads on pooled CUDA streams: what a CUDA worker's `ctx.to_device` and
+`ctx.to_host` use (worker/transfers.py), and so the embed handler's outputs.
 
 Stream discipline (docs/background 001 and 002):
 
 - No module keeps a process-wide "current stream". A compute stream is passed explicitly
-  (`compute_stream=`) or lives in torch's per-thread current-stream state, which
-  `ComputeStreams.use()` enters with `torch.cuda.stream`.
+  (`compute_stream=`); worker/transfers.py passes the calling thread's current stream.
 - Each transfer takes a stream of its own from a bounded pool. A stream's queue holds about a
   thousand pending operations; when a shared one fills, enqueueing blocks the host thread.
 - A device-to-host copy first waits on an event recorded on the compute stream, so it reads what
@@ -23,9 +23,8 @@ from __future__ import annotations
 import enum
 import threading
 import time
-from contextlib import contextmanager
 from dataclasses import dataclass
-from typing import Any, Callable, ContextManager, Iterator
+from typing import Any, Callable, ContextManager
 
 
 class PoolState(enum.Enum):
@@ -99,22 +98,13 @@ class _Lease:
     released: bool = False
 
 
-@dataclass
-class Fence:
-    """A point on a compute stream that many transfers can wait on: one event record for all."""
-
-    stream: Any
-    event: Any
-    closed: bool = False
-
-
 class Ticket:
     """One transfer in flight.
 
     `wait()` blocks until the copy is done, returns its result (a host tensor for `to_host_async`,
     the device tensor for `to_device`) and gives the stream, events and buffer back, in `finally`,
     also when waiting raises. It is idempotent and thread-safe. A ticket nobody waits on is finished
-    by the pool once its copy is done (`TransferPool.reap`). A job keeps its tickets in a TicketGroup.
+    by the pool once its copy is done (`TransferPool.reap`).
     """
 
     def __init__(self, pool: TransferPool, lease: _Lease, value, keep, to_host: bool):
@@ -175,35 +165,10 @@ class Ticket:
             self._pool._settle(self, failed=self._error is not None)
 
 
-class TicketGroup:
-    """Tickets of one job. Leaving the block waits on them all and returns their resources, even
-    when the job raised. Pass it explicitly; it is never a current group of the thread."""
-
-    def __init__(self):
-        self._tickets: list[Ticket] = []
-
-    def add(self, ticket: Ticket) -> Ticket:
-        self._tickets.append(ticket)
-        return ticket
-
-    def __enter__(self) -> TicketGroup:
-        return self
-
-    def __exit__(self, exc_type, exc, tb) -> None:
-        first: BaseException | None = None
-        for ticket in self._tickets:
-            try:
-                ticket.wait()
-            except Exception as e:
-                first = first or e
-        if first is not None and exc_type is None:
-            raise first
-
-
 class TransferPool:
     """Bounded pool of transfer streams, events and host staging buffers on one device.
 
-    Every transfer holds one stream, its done event, a ready event unless it uses a `Fence`, and
+    Every transfer holds one stream, its done event, its ready event, and
     one buffer, from enqueue until its ticket is finished. At most `max_streams` transfers are in
     flight; beyond that, acquiring finishes done tickets and otherwise waits up to
     `acquire_timeout` seconds, then raises PoolExhausted. The pool never creates more.
@@ -270,27 +235,19 @@ class TransferPool:
         """Copy a device tensor to a new host tensor and return it once the copy is done."""
         return self.to_host_async(tensor, compute_stream=compute_stream).wait()
 
-    def to_host_async(self, tensor, *, compute_stream=None, fence: Fence | None = None) -> Ticket:
+    def to_host_async(self, tensor, *, compute_stream) -> Ticket:
         """Copy a device tensor into a pinned buffer on a stream of its own; don't wait.
 
-        Give `compute_stream` (the stream that wrote `tensor`) or a `fence` taken on it: the copy
-        waits on an event recorded there, so it reads the final values. With a fence, `tensor`
-        must already be contiguous (making it so would be compute work after the fence).
+        `compute_stream` is the stream that wrote `tensor`: the copy waits on an event recorded there,
+        so it reads the final values.
         """
-        if (compute_stream is None) == (fence is None):
-            raise ValueError("give exactly one of compute_stream or fence")
-        if fence is not None and fence.closed:
-            raise ValueError("this fence is closed; take a new one")
-        if fence is not None and not tensor.is_contiguous():
-            raise ValueError("with a fence the tensor must already be contiguous")
-        lease = self._acquire(events=1 if fence else 2)
+        lease = self._acquire(events=2)
         try:
-            ready = fence.event if fence else lease.events[1]
-            if fence is None:
-                if not tensor.is_contiguous():
-                    with self._ops.use_stream(compute_stream):
-                        tensor = tensor.contiguous()
-                ready.record(compute_stream)
+            ready = lease.events[1]
+            if not tensor.is_contiguous():
+                with self._ops.use_stream(compute_stream):
+                    tensor = tensor.contiguous()
+            ready.record(compute_stream)
             view = lease.buffer.view(tensor, self._ops.alloc_host, self.pinned)
             self._copy(lease, ready, view, tensor)
             return self._launch(lease, value=view, keep=tensor, to_host=True)
@@ -323,21 +280,6 @@ class TransferPool:
         except BaseException:
             self._abort(lease)
             raise
-
-    @contextmanager
-    def fence(self, compute_stream) -> Iterator[Fence]:
-        """Record one event on `compute_stream` for many `to_host_async(fence=...)` calls.
-
-        The event goes back on exit: a stream waiting on it has already captured its state.
-        """
-        lease = self._acquire(streams=0, events=1, buffers=0)
-        fence = Fence(compute_stream, lease.events[0])
-        try:
-            fence.event.record(compute_stream)
-            yield fence
-        finally:
-            fence.closed = True
-            self._release(lease)
 
     def _copy(self, lease: _Lease, ready, dst, src) -> None:
         lease.stream.wait_event(ready)
@@ -447,34 +389,3 @@ class TransferPool:
                 "buffers_free": len(self._free_buffers), "buffers_total": buffers,
                 "in_flight": len(self._in_flight), **self._counts,
             }
-
-
-class ComputeStreams:
-    """A compute stream per handler thread, held in this object's thread-local, never a module global.
-
-    `use()` makes it the calling thread's current stream through torch.cuda.stream, whose state torch
-    keeps per thread: another thread entering its own stream never changes this one's (seed bug 001).
-    """
-
-    def __init__(self, device, *, priority: int = 0, ops: StreamOps | None = None):
-        self.device = device
-        self.priority = priority
-        self._ops = ops
-        self._local = threading.local()
-
-    def get(self):
-        """This thread's compute stream, made on first use."""
-        stream = getattr(self._local, "stream", None)  # a thread-local is empty in each new thread
-        if stream is None:
-            stream = self._local.stream = self._resolve_ops().new_stream()
-        return stream
-
-    @contextmanager
-    def use(self) -> Iterator[Any]:
-        """Make this thread's compute stream current for the block; yields it."""
-        stream = self.get()
-        with self._resolve_ops().use_stream(stream):
-            yield stream
-
-    def _resolve_ops(self) -> StreamOps:
-        return self._ops or torch_ops(self.device, self.priority)

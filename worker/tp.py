@@ -9,7 +9,8 @@ Process groups, created in the same order on every rank (creation is collective)
 - the main group: NCCL on GPU (device `cuda:<rank>`, gloo for CPU tensors), gloo on CPU. The model's
   collectives run here;
 - the guard group: gloo, with the short `guard_timeout`, for the collective guard (worker/guard.py);
-- the plan group: gloo, with a long timeout, over which rank 0 broadcasts each step's plan.
+- the plan group: gloo, with a long timeout, over which rank 0 broadcasts each step's plan (msgpack bytes
+  in a uint8 tensor after a fixed-size length tensor: `send_plan`; never pickle).
 
 Leader and followers: only rank 0 receives jobs from the coordinator. For a synchronous handler it broadcasts
 each batch (job ids and inputs) before running it, and the followers run the same batch and drop the
@@ -31,16 +32,20 @@ import threading
 import time
 from datetime import timedelta
 
+import msgpack
 import torch
 import torch.distributed as dist
 
+from protocol.codec import array_hook, wire_default
+from protocol.errors import LOAD_FAILED
 from protocol.messages import WGroupReport
+from protocol.workerspec import WorkerSpec
+from worker.control import ControlState
 from worker.guard import CollectiveGuard, GroupError, side_group
 from worker.handler import Job
 
 log = logging.getLogger("worker.tp")
 
-GUARD_TIMEOUT_S = 5.0  # default for the pool's `guard_timeout`
 RENDEZVOUS_TIMEOUT_S = 120.0  # ranks start together, but a loaded machine may take long to import torch
 COLLECTIVE_TIMEOUT_S = 600.0  # main group; a rank hung in a collective is caught by the step watchdog first
 PLAN_TIMEOUT_S = 7 * 24 * 3600.0  # followers wait for the next plan as long as the group is idle
@@ -54,10 +59,11 @@ class GroupRuntime:
     groups; then rank 0 serves through the ComputeLoop (which calls `broadcast_batch` and `broadcast_stop`)
     and the other ranks call `follow(loop)`."""
 
-    def __init__(self, ctx, control, spec: dict):
-        self.ctx, self.control, self.spec = ctx, control, spec
-        self.rank, self.world_size = ctx.rank, ctx.world_size
-        self.guard_timeout = float(spec.get("guard_timeout") or GUARD_TIMEOUT_S)
+    def __init__(self, spec: WorkerSpec, device: str, state: ControlState):
+        self.spec, self.state = spec, state
+        self.rank, self.world_size = spec.rank, spec.world_size
+        self.rank_device = device  # this rank's torch device string ("cuda:1" or "cpu")
+        self.guard_timeout = float(spec.guard_timeout)
         self.guard: CollectiveGuard | None = None
         self.device = "cpu"  # where tensors for the main group's collectives live (cuda:<rank> with NCCL)
         self.failure: GroupError | None = None
@@ -67,8 +73,6 @@ class GroupRuntime:
         self._receiver: threading.Thread | None = None
         self._closed = False
         self._stopped = False  # a coordinated stop (rank 0's stop plan) happened: groups may be torn down
-        base_stats = control.stats_fn  # heartbeats carry the guard's cost next to the device figures
-        control.stats_fn = lambda: {**(base_stats() or {}), "guard": self.guard_stats()}
 
     # ------------------------------------------------------------------ start
 
@@ -83,7 +87,7 @@ class GroupRuntime:
             raise
         except Exception as e:  # torch raises RuntimeError/DistStoreError/ValueError here
             raise GroupError(f"rank {self.rank}: group rendezvous failed: {type(e).__name__}: {e}",
-                             "load_failed") from e
+                             LOAD_FAILED) from e
         log.info("rank %d/%d joined its group (backend %s, guard timeout %g s)", self.rank,
                  self.world_size, dist.get_backend(), self.guard_timeout)
 
@@ -96,12 +100,12 @@ class GroupRuntime:
         timeout = timedelta(seconds=RENDEZVOUS_TIMEOUT_S)
         if self.rank == 0:
             store = self._master_store(timeout)
-            send(WGroupReport(self.spec["wid"], self.spec["incarnation"], {"host": HOST, "port": store.port}))
+            send(WGroupReport(self.spec.wid, self.spec.incarnation, {"host": HOST, "port": store.port}))
             return store
-        if not self.control.group_info_event.wait(RENDEZVOUS_TIMEOUT_S):
+        if not self.state.group_info_event.wait(RENDEZVOUS_TIMEOUT_S):
             raise GroupError(f"rank {self.rank}: no rendezvous info from rank 0 within "
-                             f"{RENDEZVOUS_TIMEOUT_S:g} s", "load_failed")
-        info = self.control.group_info
+                             f"{RENDEZVOUS_TIMEOUT_S:g} s", LOAD_FAILED)
+        info = self.state.group_info
         return dist.TCPStore(info["host"], int(info["port"]), self.world_size, is_master=False,
                              timeout=timeout)
 
@@ -124,10 +128,10 @@ class GroupRuntime:
     def _init_groups(self, store) -> None:
         timeout = timedelta(seconds=COLLECTIVE_TIMEOUT_S)
         # Explicit GPU ids on a machine without CUDA (CPU tests of placement): gloo, never NCCL.
-        if self.ctx.device.startswith("cuda") and torch.cuda.is_available():
-            device = torch.device(self.ctx.device)
+        if self.rank_device.startswith("cuda") and torch.cuda.is_available():
+            device = torch.device(self.rank_device)
             torch.cuda.set_device(device)
-            self.device = self.ctx.device
+            self.device = self.rank_device
             dist.init_process_group("cpu:gloo,cuda:nccl", store=store, rank=self.rank,
                                     world_size=self.world_size, timeout=timeout, device_id=device)
         else:
@@ -146,7 +150,7 @@ class GroupRuntime:
             return  # first failure wins; after a coordinated stop an engine ending is expected
         self.failure = exc
         log.error("rank %d: group failure: %s", self.rank, exc.message)
-        self.control._poke()  # wakes rank 0's compute loop
+        self.state.wake()  # wakes rank 0's compute loop
         self._plans.put(("wake", None))  # wakes a follower
 
     def raise_if_failed(self) -> None:
@@ -169,7 +173,7 @@ class GroupRuntime:
 
     def _broadcast(self, plan: tuple) -> None:
         try:
-            dist.broadcast_object_list([plan], src=0, group=self._plan_group, device=torch.device("cpu"))
+            send_plan(plan, self._plan_group)
         except RuntimeError as e:
             raise GroupError(f"rank 0 lost its followers while broadcasting a {plan[0]} plan: {e}") from None
 
@@ -192,14 +196,13 @@ class GroupRuntime:
 
     def _receive(self) -> None:
         while True:
-            holder = [None]
             try:
-                dist.broadcast_object_list(holder, src=0, group=self._plan_group, device=torch.device("cpu"))
+                plan = receive_plan(self._plan_group)
             except RuntimeError as e:
                 self._plans.put(("lost", e))
                 return
-            self._plans.put(holder[0])
-            if holder[0][0] == "stop":
+            self._plans.put(plan)
+            if plan[0] == "stop":
                 return
 
     def _next_plan(self) -> tuple:
@@ -209,14 +212,14 @@ class GroupRuntime:
             try:
                 kind, body = self._plans.get(timeout=POLL_S)
             except queue.Empty:
-                if self.control.stop_event.is_set():
+                if self.state.stop_event.is_set():
                     stop_seen = stop_seen or time.monotonic()
                     if time.monotonic() - stop_seen > STOP_GRACE_S:
-                        return "stop", f"{self.control.stop_reason} (no stop plan from rank 0)"
+                        return "stop", f"{self.state.stop_reason} (no stop plan from rank 0)"
                 continue
             if kind == "lost":
-                if self.control.stop_event.is_set():
-                    return "stop", self.control.stop_reason
+                if self.state.stop_event.is_set():
+                    return "stop", self.state.stop_reason
                 raise GroupError(f"rank {self.rank} lost rank 0 (the leader): {body}")
             if kind != "wake":
                 return kind, body
@@ -250,6 +253,36 @@ class GroupRuntime:
                 dist.destroy_process_group()
             except Exception as e:  # exiting anyway: a group that cannot be torn down is not worth a crash
                 log.warning("destroy_process_group: %s", e)
+
+
+def send_plan(plan: tuple, group) -> None:
+    """Broadcast a plan from rank 0 as msgpack bytes in a uint8 tensor, its length first in a fixed-size
+    tensor: two plain broadcasts, never pickle (an object collective would unpickle whatever arrives)."""
+    payload = encode_plan(plan)
+    dist.broadcast(torch.tensor([len(payload)], dtype=torch.int64), src=0, group=group)
+    dist.broadcast(torch.frombuffer(bytearray(payload), dtype=torch.uint8), src=0, group=group)
+
+
+def receive_plan(group) -> tuple:
+    """A follower's half of `send_plan`: blocks until rank 0 broadcasts the next plan."""
+    size = torch.zeros(1, dtype=torch.int64)
+    dist.broadcast(size, src=0, group=group)
+    data = torch.empty(int(size.item()), dtype=torch.uint8)
+    dist.broadcast(data, src=0, group=group)
+    return decode_plan(data.numpy().tobytes())
+
+
+def encode_plan(plan: tuple) -> bytes:
+    """("batch", [(jid, input, stream), ...]) or ("stop", reason) as msgpack; arrays in inputs travel as
+    NDArray maps, exactly as they came from the coordinator."""
+    return msgpack.packb(plan, use_bin_type=True, default=wire_default)
+
+
+def decode_plan(payload: bytes) -> tuple:
+    kind, body = msgpack.unpackb(payload, raw=False, object_hook=array_hook, max_ext_len=0)
+    if kind == "batch":
+        body = [tuple(item) for item in body]
+    return kind, body
 
 
 def _consume(outcome) -> None:

@@ -11,7 +11,6 @@ BUILTINS = {
     "env": "worker.handlers.basic:Env",
     "generate": "worker.handlers.generate:GenerateHandler",
     "embed": "worker.handlers.embed:EmbedHandler",
-    "tp_allreduce": "worker.handlers.tp_test:AllReduceHandler",
 }
 
 

@@ -5,7 +5,7 @@ import os
 import socket
 import time
 
-from protocol.errors import JobError
+from protocol.errors import CANCELLED, INVALID_INPUT, JobError
 from worker.handler import Handler, Job
 
 
@@ -13,7 +13,7 @@ def _param(job: Job, key: str, default, kind=(int, float)):
     """Read an optional numeric field from a dict input, rejecting wrong types with invalid_input."""
     value = job.input.get(key, default) if isinstance(job.input, dict) else default
     if not isinstance(value, kind) or isinstance(value, bool):
-        raise JobError("invalid_input", f"'{key}' must be a number")
+        raise JobError(INVALID_INPUT, f"'{key}' must be a number")
     return value
 
 
@@ -48,7 +48,7 @@ class Sleep(Handler):
                 break
             time.sleep(min(left, 0.01))
         if job.cancelled:
-            raise JobError("cancelled", "job cancelled while sleeping")
+            raise JobError(CANCELLED, "job cancelled while sleeping")
         return {"slept_ms": ms, "pid": os.getpid(), "input": job.input}
 
 

@@ -202,7 +202,7 @@ class EmbedHandler(Handler):
             vectors = pool(hidden, mask.to(hidden.device), self.modes)
             if self.normalize:
                 vectors = torch.nn.functional.normalize(vectors, p=2, dim=-1)
-        return vectors.cpu().numpy()
+        return self.ctx.to_host(vectors)  # on CUDA, on a pooled transfer stream (worker/transfers.py)
 
 
 def _pad(rows: list, pad_id: int):

@@ -1,4 +1,9 @@
-"""AllReduceHandler: a TP test handler that runs one all-reduce per batch over its group's main process group
+"""Test-only TP handlers, loaded by path (never built-ins of the shipped package):
+``tests.tp_handlers:AllReduceHandler`` and ``tests.tp_handlers:SkewedGenerateHandler``. Workers import them
+because the coordinator puts the repository root on their PYTHONPATH; a worker started elsewhere (another
+node) needs the repository root on its PYTHONPATH too.
+
+AllReduceHandler: a TP test handler that runs one all-reduce per batch over its group's main process group
 (gloo on CPU, NCCL on GPU), behind the collective guard. Each rank contributes (rank + 1) * value, so a job's
 result is value * (1 + 2 + ... + world_size).
 
@@ -13,7 +18,7 @@ Input: {"value": number} plus optional test switches:
 Config: "mismatch_on", "mismatch_rank", "once_dir", "max_batch" (8).
 
 SkewedGenerateHandler: the generate handler plus a test switch for TP groups, used by the tests and
-scripts/gpu_check_tp.py ("worker.handlers.tp_test:SkewedGenerateHandler"): on rank "skew_rank" (default 1), a
+scripts/gpu_check_tp.py ("tests.tp_handlers:SkewedGenerateHandler"): on rank "skew_rank" (default 1), a
 forward of one sequence of exactly "skew_tokens" tokens shows the collective guard a different fingerprint
 (an injected asymmetric batch, as if that rank had scheduled other requests).
 """
@@ -22,7 +27,7 @@ from __future__ import annotations
 import dataclasses
 import os
 
-from protocol.errors import JobError
+from protocol.errors import INVALID_INPUT, JobError
 from worker.handler import Handler, Job
 from worker.handlers.generate import GenerateHandler
 
@@ -108,10 +113,10 @@ def _value(job: Job) -> float:
     inp = job.input
     if not isinstance(inp, dict) or isinstance(inp.get("value"), bool) or \
             not isinstance(inp.get("value"), (int, float)):
-        raise JobError("invalid_input", "tp_allreduce input must be {\"value\": number, ...}")
+        raise JobError(INVALID_INPUT, "tp_allreduce input must be {\"value\": number, ...}")
     skip = inp.get("skip_on_ranks", [])
     if not isinstance(skip, list) or not all(isinstance(r, int) for r in skip):
-        raise JobError("invalid_input", "'skip_on_ranks' must be a list of ranks")
+        raise JobError(INVALID_INPUT, "'skip_on_ranks' must be a list of ranks")
     return float(inp["value"])
 
 
@@ -128,8 +133,8 @@ class SkewedGenerateHandler(GenerateHandler):
         if "skew_tokens" not in config:
             raise ValueError("SkewedGenerateHandler: config needs 'skew_tokens' (the forward size to skew)")
         self.skew_tokens = int(config.pop("skew_tokens"))
-        ctx.config = config  # the rest is generate's own config, which it validates
-        super().__init__(ctx)
+        # The rest is generate's own config, which it validates (the context is frozen: a copy carries it).
+        super().__init__(dataclasses.replace(ctx, config=config))
 
     def load(self) -> None:
         super().load()
