@@ -25,6 +25,12 @@ import zmq
 # Read by Ray when it is imported: every Ray process of these tests binds 127.0.0.1 (and inherits this).
 os.environ["RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"] = "0"
 
+from orchestrator.config import PoolConfig, ServerConfig
+from orchestrator.eventloop import EventLoop
+from orchestrator.launcher import Launcher, RankHandle, SlotHandle
+from orchestrator.metrics import NullMetrics
+from orchestrator.procs import Slot, SlotSpec
+from orchestrator.states import WorkerState as WS
 from protocol import Codec
 from protocol.messages import WHeartbeat
 from tests.conftest import REPO, Server, poll_until
@@ -140,6 +146,45 @@ def test_ray_cluster_doctests():
 
     result = doctest.testmod(ray_cluster)
     assert result.attempted >= 3 and result.failed == 0
+
+
+class _Waiting(Launcher):
+    """A launcher whose ranks wait for room (no process yet), as the Ray launcher's do while their
+    placement group is pending; `placed=True` gives them a pid that never says hello."""
+
+    def __init__(self, placed: bool):
+        super().__init__()
+        self.placed = placed
+
+    def start(self, launch):
+        pid = os.getpid() if self.placed else None
+        return SlotHandle(launch, [RankHandle(r.rank, r.wid, pid=pid) for r in launch.ranks])
+
+    def kill(self, handle, reason):
+        for r in handle.ranks:
+            r.note_reason(reason)
+
+
+def test_a_rank_waiting_for_room_is_not_silent(tmp_path, monkeypatch):
+    """Supervision counts start-up silence only from when a rank's process exists, so a slot waiting
+    for room in the cluster stays `starting` (it is placed when a node joins) instead of burning its
+    restart budget; the same silence from a started rank is still fatal."""
+    from orchestrator import supervisor as sup_mod
+
+    monkeypatch.setattr(sup_mod, "START_TIMEOUT", 0.2)
+    states = {}
+    for placed in (False, True):
+        cfg = ServerConfig(hb_timeout=0.1)
+        sup = sup_mod.Supervisor(cfg, f"ipc://{tmp_path}/w.sock", lambda *a: None, _Waiting(placed),
+                                 EventLoop(), lambda *a: None, lambda slot: None, NullMetrics())
+        slot = Slot(SlotSpec(pool="p", index=0, devices=("raycpu0",), handler="echo", config={}))
+        sup.start_slot(slot, PoolConfig(name="p", restart_backoff=60.0))
+        end = time.monotonic() + 1.0
+        while time.monotonic() < end:
+            sup.tick([slot], time.monotonic())
+            time.sleep(0.02)
+        states[placed] = slot.state
+    assert states == {False: WS.STARTING, True: WS.DEAD}, states  # DEAD: declared down, awaiting exit
 
 
 def test_ray_devices_need_ray_mode(tmp_path):
