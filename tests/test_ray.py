@@ -200,7 +200,7 @@ def test_ray_devices_need_ray_mode(tmp_path):
 
 @pytest.mark.slow
 def test_placement_two_workers_per_node_with_distinct_devices(cluster, tmp_path, servers):
-    s = start(tmp_path, cluster, '[pools.env]\nhandler = "env"\ndevices = "ray:4"\n')
+    s = start(tmp_path, cluster, '[pools.env]\nhandler = "env"\ndevices = "ray:4"\n', ["--metrics-port", "0"])
     servers.append(s)
     c = s.client()
     outs = {}
@@ -220,6 +220,18 @@ def test_placement_two_workers_per_node_with_distinct_devices(cluster, tmp_path,
             assert psutil.Process(o["pid"]).nice() == 0
     if os.geteuid() != 0:
         assert "RAY_worker_niceness=0" in s.log()  # otherwise the log says why, and what to do
+    url = re.search(r"^metrics: (\S+)", s.log(), re.M).group(1)
+
+    def node_series():  # the metric names each worker's node (gauges refresh every 0.5 s)
+        import urllib.request
+
+        text = urllib.request.urlopen(url, timeout=10).read().decode()
+        series = [dict(re.findall(r'(\w+)="([^"]*)"', m.group(1)))
+                  for m in re.finditer(r"^orchestrator_worker_node\{([^}]*)\} 1\.0$", text, re.M)]
+        return {(labels["worker"], labels["node"]) for labels in series}
+
+    want = {(o["wid"], o["node"]) for o in outs.values()}
+    poll_until(lambda: node_series() == want, 20, 0.2, "orchestrator_worker_node for every worker")
     assert s.status()["pools"]["env"]["health"] == "ready"
 
 
