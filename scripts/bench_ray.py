@@ -33,6 +33,7 @@ import time
 from datetime import datetime
 
 os.environ["RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"] = "0"  # read when ray is imported: everything on loopback
+os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from _bench_common import Serve, Steps, finish, fmt_table, pct, write_pools_toml  # noqa: E402

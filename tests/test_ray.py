@@ -22,8 +22,10 @@ import psutil
 import pytest
 import zmq
 
-# Read by Ray when it is imported: every Ray process of these tests binds 127.0.0.1 (and inherits this).
+# Read by Ray when it is imported: every Ray process of these tests binds 127.0.0.1 (and inherits this),
+# and none of them tries to report usage statistics over the network.
 os.environ["RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"] = "0"
+os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
 
 from orchestrator.config import PoolConfig, ServerConfig
 from orchestrator.eventloop import EventLoop
