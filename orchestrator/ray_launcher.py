@@ -102,10 +102,10 @@ class RayLauncher(Launcher):
         if len(ready) < len(pgs):
             for pg in pgs.values():
                 ray.util.remove_placement_group(pg)
+            free = ray.available_resources()
             raise ValueError(f"{self.cluster.too_few(demands)}; {len(pgs) - len(ready)} of {len(pgs)} "
                              f"placement group(s) not ready within {self.placement_timeout:g} s (free now: "
-                             f"{ray.available_resources().get(demands[0].resource, 0):g} "
-                             f"{demands[0].resource})")
+                             f"{free.get('GPU', 0):g} GPU, {free.get('CPU', 0):g} CPU)")
         self._reserved.update(pgs)
 
     def _placement_group(self, demand: Demand, incarnation: int):

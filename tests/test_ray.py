@@ -70,14 +70,18 @@ def run_actors(run_dir: str) -> list:
             if (a.get("Name") or "").startswith(run_id + ":") and a["State"] != "DEAD"]
 
 
-def start(tmp_path, cluster, pools: str, extra: list | None = None, ready: bool = True) -> Server:
-    """serve --ray on the module's cluster, with a config file whose run directory is under tmp_path."""
+def start(tmp_path, cluster, pools: str, extra: list | None = None, ready: bool = True,
+          auto: bool = False) -> Server:
+    """serve --ray on the module's cluster, with a config file whose run directory is under tmp_path.
+    `auto`: `ray = "auto"`, the cluster found through RAY_ADDRESS."""
     run_parent = tmp_path / "runs"
     run_parent.mkdir(parents=True, exist_ok=True)
     config = tmp_path / "serve.toml"
-    config.write_text(f'[server]\nrun_dir = "{run_parent}"\n\n[cluster]\nray = "{cluster.address}"\n'
+    address = "auto" if auto else cluster.address
+    config.write_text(f'[server]\nrun_dir = "{run_parent}"\n\n[cluster]\nray = "{address}"\n'
                       f'worker_address = "127.0.0.1"\nplacement_timeout = 30.0\n\n{pools}')
-    return Server(tmp_path, ["--config", str(config), *(extra or [])]).start(ready=ready, timeout=START_S)
+    env = {"RAY_ADDRESS": cluster.address} if auto else None
+    return Server(tmp_path, ["--config", str(config), *(extra or [])], env).start(ready=ready, timeout=START_S)
 
 
 def run_dir_of(tmp_path) -> str:
@@ -300,7 +304,8 @@ def test_placement_timeout_when_the_cluster_is_busy(cluster, tmp_path, servers):
 
 @pytest.mark.slow
 def test_scale_up_and_down_on_the_cluster(cluster, tmp_path, servers):
-    s = start(tmp_path, cluster, '[pools.echo]\nhandler = "echo"\ndevices = "ray:4"\nreplicas = 1\n')
+    s = start(tmp_path, cluster, '[pools.echo]\nhandler = "echo"\ndevices = "ray:4"\nreplicas = 1\n',
+              auto=True)
     servers.append(s)
     c = s.client()
     c.scale("echo", 4)
