@@ -238,6 +238,13 @@ def test_placement_two_workers_per_node_with_distinct_devices(cluster, tmp_path,
 
     want = {(o["wid"], o["node"]) for o in outs.values()}
     poll_until(lambda: node_series() == want, 20, 0.2, "orchestrator_worker_node for every worker")
+    table = subprocess.run([sys.executable, "-m", "orchestrator", "status", "--address", s.address],
+                           capture_output=True, text=True, timeout=60, cwd=REPO,
+                           env={**os.environ, "PYTHONPATH": REPO})
+    rows = {line.split()[0]: line.split() for line in table.stdout.splitlines() if line.strip()}
+    assert rows["WORKER"][4] == "HOST/NODE", table.stdout
+    for o in outs.values():  # the table's HOST/NODE column: host/first 8 characters of the node id
+        assert rows[o["wid"]][4] == f"{o['host']}/{o['node'][:8]}", table.stdout
     assert s.status()["pools"]["env"]["health"] == "ready"
 
 
