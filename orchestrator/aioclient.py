@@ -11,7 +11,9 @@ import zmq.asyncio
 
 from protocol import Codec, ProtocolError
 from protocol.codec import INTERNAL_LIMITS
-from protocol.messages import Cancel, Chunk, Error, Health, Ping, Result, Scale, Status, Stop, Submit
+from protocol.messages import (
+    Cancel, Chunk, Error, Health, Ping, Reload, Result, Scale, Status, Stop, Submit,
+)
 from . import security
 from .client import RequestError
 
@@ -90,6 +92,10 @@ class AsyncClient:
 
     async def scale(self, pool: str, replicas: int) -> dict:
         return await self._request(lambda rid: Scale(rid, pool, replicas))
+
+    async def reload(self, pool: str) -> dict:
+        """Restart every slot of `pool` with a fresh failure budget (retries a permanent failure)."""
+        return await self._request(lambda rid: Reload(rid, pool))
 
     async def stop(self, reason: str = "client requested stop", drain: bool = True) -> dict:
         return await self._request(lambda rid: Stop(rid, reason, drain))

@@ -1,7 +1,7 @@
-"""The `orchestrator` command: serve, submit, status, health, scale, stop, keygen, demo.
+"""The `orchestrator` command: serve, submit, status, health, scale, reload, stop, keygen, demo.
 
 Exit codes: 0 success; 1 the request failed (an error reply, printed with its code); 2 bad usage or
-config; 3 no answer from the coordinator within the timeout.
+config, or (serve) a pool failed to start; 3 no answer from the coordinator within the timeout.
 """
 from __future__ import annotations
 
@@ -18,6 +18,9 @@ from . import logs
 from .config import DEFAULT_ADDRESS, PoolConfig, ServerConfig, load_toml, validate
 
 EXIT_OK, EXIT_FAILED, EXIT_USAGE, EXIT_NO_ANSWER = 0, 1, 2, 3
+# serve holds its log lines while the pools first load, so that a startup failure is the first line on
+# stderr; a load still going after this many seconds releases them (a slow model is not silent for long).
+LOG_HOLD_S = 15.0
 
 
 # ---------------------------------------------------------------------------- serve
@@ -41,7 +44,12 @@ def add_serve(sub) -> None:
     p.add_argument("--capacity", type=int, help="credits (in-flight jobs) per worker")
     p.add_argument("--retries", type=int, help="retry budget per job (default 2)")
     p.add_argument("--step-budget", type=float, help="seconds before a busy worker is declared stuck")
-    p.add_argument("--max-restarts", type=int, help="restart budget per worker slot")
+    p.add_argument("--max-restarts", type=int,
+                   help="failure budget per worker slot: transient failures per --restart-window (10)")
+    p.add_argument("--restart-window", type=float, metavar="S",
+                   help="seconds over which --max-restarts failures are counted (600)")
+    p.add_argument("--keep-going", action="store_true",
+                   help="serve the pools that loaded even if another failed to start (else exit 2)")
     p.add_argument("--hb-interval", type=float)
     p.add_argument("--hb-timeout", type=float)
     p.add_argument("--drain-timeout", type=float)
@@ -78,7 +86,7 @@ _SERVER_FLAGS = {"address": "address", "hb_interval": "hb_interval", "hb_timeout
                  "max_pending_per_client": "max_pending_per_client", "max_queued": "max_queued_total",
                  "ray": "ray", "worker_address": "worker_address", "placement_timeout": "placement_timeout"}
 _POOL_FLAGS = ("devices", "tp", "replicas", "workers_per_device", "capacity", "retries", "step_budget",
-               "max_restarts")
+               "max_restarts", "restart_window")
 
 
 def build_config(args) -> ServerConfig:
@@ -89,6 +97,7 @@ def build_config(args) -> ServerConfig:
             setattr(cfg, attr, getattr(args, flag))
     cfg.insecure = cfg.insecure or args.insecure
     cfg.kill_stale = cfg.kill_stale or args.kill_stale
+    cfg.keep_going = cfg.keep_going or args.keep_going
     limits = {f.name: getattr(args, f.name) for f in dataclasses.fields(Limits)
               if getattr(args, f.name) is not None}
     cfg.limits = dataclasses.replace(cfg.limits, **limits)
@@ -126,13 +135,14 @@ def cmd_serve(args) -> int:
     except (ValueError, OSError) as e:
         print(f"orchestrator serve: bad config: {e}", file=sys.stderr)
         return EXIT_USAGE
-    logs.setup(cfg.log_format, cfg.log_level)
-    coord = Coordinator(cfg)
+    held = logs.setup(cfg.log_format, cfg.log_level, hold=LOG_HOLD_S)
+    coord = Coordinator(cfg, on_startup=lambda failures: _started(failures, cfg.keep_going, held))
     try:
         handle_stale(cfg)
         endpoint = coord.start()
     except (InsecureBind, ValueError) as e:
         coord.shutdown()
+        held.release_held()
         print(f"orchestrator serve: {e}", file=sys.stderr)
         return EXIT_USAGE
     print(f"endpoint: {endpoint}", flush=True)
@@ -141,7 +151,21 @@ def cmd_serve(args) -> int:
               f"devices={','.join(pool.device_set.ids)}", flush=True)
     if coord.metrics.url:
         print(f"metrics: {coord.metrics.url}", flush=True)
-    return coord.run()
+    try:
+        return coord.run()
+    finally:
+        held.release_held()
+
+
+def _started(failures: dict, keep_going: bool, held) -> None:
+    """Every pool's first load settled: name each failed pool first on stderr, then release the log."""
+    for pool, reason in failures.items():
+        print(f"orchestrator serve: pool {pool!r} failed to start: {reason}", file=sys.stderr, flush=True)
+    if failures:
+        then = "serving the other pools (--keep-going)" if keep_going else \
+            "stopping everything (exit 2); --keep-going serves the other pools"
+        print(f"orchestrator serve: {then}", file=sys.stderr, flush=True)
+    held.release_held()
 
 
 # ---------------------------------------------------------------------------- client commands
@@ -257,6 +281,10 @@ def cmd_scale(args) -> int:
     return _call(args, lambda c: print(json.dumps(c.scale(args.pool, args.replicas))) or EXIT_OK)
 
 
+def cmd_reload(args) -> int:
+    return _call(args, lambda c: print(json.dumps(c.reload(args.pool))) or EXIT_OK)
+
+
 def cmd_stop(args) -> int:
     return _call(args, lambda c: print(json.dumps(c.stop(drain=not args.no_drain))) or EXIT_OK)
 
@@ -295,6 +323,8 @@ def build_parser() -> argparse.ArgumentParser:
     add_simple(sub, "health", "show readiness (exit 0 only when every pool is ready)", cmd_health)
     add_simple(sub, "scale", "set a pool's replica count", cmd_scale,
                lambda p: (p.add_argument("pool"), p.add_argument("replicas", type=int)))
+    add_simple(sub, "reload", "restart a pool's workers with a fresh failure budget (retries a failed "
+               "pool once its cause is fixed)", cmd_reload, lambda p: p.add_argument("pool"))
     add_simple(sub, "stop", "drain and stop the coordinator", cmd_stop,
                lambda p: p.add_argument("--no-drain", action="store_true",
                                         help="fail unfinished jobs instead of waiting for them"))

@@ -27,7 +27,7 @@ import zmq
 from protocol import Codec, JobError, ProtocolError
 from protocol.codec import INTERNAL_LIMITS
 from protocol.messages import (
-    Cancel, Chunk, Error, Health, Ping, Result, Scale, Status, Stop, Submit,
+    Cancel, Chunk, Error, Health, Ping, Reload, Result, Scale, Status, Stop, Submit,
 )
 from . import security
 
@@ -167,6 +167,10 @@ class Client:
 
     def scale(self, pool: str, replicas: int) -> dict:
         return self._request(lambda rid: Scale(rid, pool, replicas))
+
+    def reload(self, pool: str) -> dict:
+        """Restart every slot of `pool` with a fresh failure budget (retries a permanent failure)."""
+        return self._request(lambda rid: Reload(rid, pool))
 
     def stop(self, reason: str = "client requested stop", drain: bool = True) -> dict:
         return self._request(lambda rid: Stop(rid, reason, drain))

@@ -12,7 +12,7 @@ from typing import Callable
 import zmq
 
 from protocol import ProtocolError, errors as E
-from protocol.messages import Cancel, Error, Health, Ok, Ping, Scale, Status, Stop, Submit
+from protocol.messages import Cancel, Error, Health, Ok, Ping, Reload, Scale, Status, Stop, Submit
 from . import views
 from .dispatch import RECV_BATCH
 from .jobtable import JobTable
@@ -54,15 +54,17 @@ class ClientOps:
     """Answers client requests. Its collaborators are explicit:
 
     - `table`: the JobTable (accept, find, end); `dispatch(pool)` runs queued jobs of a pool;
-    - `scale(pool, n)` reconciles a pool (raises ValueError); `request_stop(reason, drain)`;
+    - `scale(pool, n)` reconciles a pool (raises ValueError); `reload(pool)` restarts its slots with a
+      fresh failure budget; `request_stop(reason, drain)`;
     - `state()`: the coordinator's CoordinatorState; `snapshot()`: a snapshot.Snapshot for views.
     """
 
     def __init__(self, cfg, sock: zmq.Socket, codec, reply: Callable, table: JobTable, pools: dict,
-                 dispatch: Callable, scale: Callable, request_stop: Callable, state: Callable,
-                 snapshot: Callable, metrics):
+                 dispatch: Callable, scale: Callable, reload: Callable, request_stop: Callable,
+                 state: Callable, snapshot: Callable, metrics):
         self.cfg, self.sock, self.codec, self.reply = cfg, sock, codec, reply
         self.table, self.pools, self.dispatch, self.scale = table, pools, dispatch, scale
+        self.reload = reload
         self.request_stop, self.state, self.snapshot, self.metrics = request_stop, state, snapshot, metrics
         self.rejected: dict[str, int] = {}  # error code -> count of rejected requests
         self.bad_log = RateLimitedLog(log)
@@ -96,12 +98,12 @@ class ClientOps:
             return
         op(self, route, msg)
 
-    def _reject(self, route: tuple, rid, code: str, message: str) -> None:
+    def _reject(self, route: tuple, rid, code: str, message: str, details=None) -> None:
         self.rejected[code] = self.rejected.get(code, 0) + 1
         if len(message) > 500:  # it may quote client input (an op, a pool name) of up to max_str_len
             message = message[:500] + f"... ({len(message)} chars)"
         self.bad_log.warning("rejected request from client %s: %s: %s", route[0].hex()[:8], code, message)
-        self.reply(route, Error(rid, code, message))
+        self.reply(route, Error(rid, code, message, details))
 
     def _op_submit(self, route: tuple, msg: Submit) -> None:
         err = self._admit(route, msg)
@@ -117,15 +119,20 @@ class ClientOps:
         self.dispatch(pool)
 
     def _admit(self, route: tuple, msg: Submit) -> tuple | None:
-        """Why a submit cannot be accepted, as (code, message), or None."""
+        """Why a submit cannot be accepted, as (code, message[, details]), or None."""
         pool = self.pools.get(msg.pool)
         if pool is None:
             return E.UNKNOWN_POOL, f"no pool named {msg.pool!r}; pools: {sorted(self.pools)}"
         if self.state() != CS.RUNNING:
             return E.SHUTTING_DOWN, "the coordinator is shutting down and accepts no new jobs"
         table = self.table
-        if table.find(route, msg.id) is not None:
-            return E.BAD_REQUEST, f"job id {msg.id!r} is already in flight for this client"
+        original = table.find(route, msg.id)
+        if original is not None:
+            # Its own code, so that a client matching replies by id never reads this as the end of
+            # the original job, which goes on and ends with its own result or error.
+            return E.DUPLICATE_ID, f"job id {msg.id!r} is already in flight for this client; this " \
+                                   f"submit was refused and the original job goes on", \
+                {"job": msg.id, "state": original.state.value, "pool": original.pool}
         # `not > 0` also rejects NaN, which would sit at the top of the deadline heap forever.
         if msg.timeout is not None and not msg.timeout > 0 or msg.retries is not None and msg.retries < 0:
             return E.BAD_REQUEST, "timeout must be > 0 and retries >= 0"
@@ -173,9 +180,17 @@ class ClientOps:
             return
         self.reply(route, Ok(msg.id, {"pool": pool.name, "replicas": pool.desired}))
 
+    def _op_reload(self, route: tuple, msg: Reload) -> None:
+        pool = self.pools.get(msg.pool)
+        if pool is None:
+            self._reject(route, msg.id, E.UNKNOWN_POOL, f"no pool named {msg.pool!r}")
+            return
+        self.reload(pool)
+        self.reply(route, Ok(msg.id, {"pool": pool.name, "replicas": pool.desired}))
+
     def _op_stop(self, route: tuple, msg: Stop) -> None:
         self.reply(route, Ok(msg.id, {"state": "stopping", "drain": msg.drain}))
         self.request_stop(msg.reason, drain=msg.drain)
 
     _ops = {Submit: _op_submit, Cancel: _op_cancel, Status: _op_status, Health: _op_health,
-            Ping: _op_ping, Scale: _op_scale, Stop: _op_stop}
+            Ping: _op_ping, Scale: _op_scale, Reload: _op_reload, Stop: _op_stop}

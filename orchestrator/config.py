@@ -35,7 +35,11 @@ class PoolConfig:
     retries: int = 2  # per-job retry budget after worker deaths (a job may kill retries+1 workers)
     step_budget: float | None = 300.0  # seconds a step may run before the worker is declared stuck
     load_budget: float = 900.0  # seconds a worker may take to load before it is declared stuck
-    max_restarts: int = 10  # restart budget per slot; past it the slot is `failed`
+    # Failure budget per slot: more than `max_restarts` transient failures within `restart_window` seconds
+    # and the slot is `failed` until one of them leaves the window (then the reconcile step retries it).
+    # A permanent failure (bad config, unknown handler, missing model) is `failed` at once, no restarts.
+    max_restarts: int = 10
+    restart_window: float = 600.0
     restart_backoff: float = 0.05  # first restart delay, doubled per consecutive failure
     restart_backoff_max: float = 5.0
     cpu_threads: int | None = None  # torch threads per CPU worker; None: its share of the cores
@@ -65,6 +69,8 @@ class ServerConfig:
     curve_secret_key: str | None = None  # server secret key file (zmq.auth format)
     authorized_keys: str | None = None  # directory of client public key files
     kill_stale: bool = False
+    # At startup, serve the pools that loaded even if another failed (else: stop everything, exit 2).
+    keep_going: bool = False
     # [cluster]: Ray mode. `ray` is "auto" (a running cluster, or RAY_ADDRESS) or HOST:PORT; None: local.
     ray: str | None = None
     worker_address: str | None = None  # Ray mode: the worker socket's bind host (default: our Ray address)
@@ -120,6 +126,8 @@ def validate(cfg: ServerConfig) -> None:
             raise ValueError(f"bad pool name {p.name!r}")
         if p.tp < 1 or p.retries < 0 or p.queue_size < 1:
             raise ValueError(f"pool {p.name}: tp >= 1, retries >= 0 and queue_size >= 1 are required")
+        if p.max_restarts < 0 or not p.restart_window > 0:
+            raise ValueError(f"pool {p.name}: max_restarts >= 0 and restart_window > 0 are required")
         if not p.guard_timeout > 0:
             raise ValueError(f"pool {p.name}: guard_timeout must be > 0 seconds, got {p.guard_timeout!r}")
     _validate_cluster(cfg)

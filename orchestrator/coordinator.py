@@ -19,6 +19,7 @@ import zmq
 
 from protocol import Codec, errors as E
 from protocol.codec import INTERNAL_LIMITS
+from protocol.messages import CLIENT_REQUEST_OPS
 from . import cluster, security, snapshot
 from .client_ops import ClientOps, replier
 from .config import ServerConfig, validate
@@ -34,17 +35,21 @@ from .supervisor import Supervisor
 log = logging.getLogger("orchestrator.coordinator")
 
 TICK = 0.05  # timer resolution (heartbeats, watchdogs, timeouts) in seconds
+RECONCILE_S = 1.0  # how often each pool is moved toward its desired replica count
+EXIT_STARTUP_FAILED = 2  # a pool failed while loading at startup (and keep_going is off)
 
 
 class Coordinator:
     """Construct cheaply; `start()` binds and spawns; `run()` serves until stopped."""
 
-    def __init__(self, cfg: ServerConfig, launcher=None):
+    def __init__(self, cfg: ServerConfig, launcher=None, on_startup=None):
         validate(cfg)
         self.cfg = cfg
         self.name = "coordinator"
         self.state = CS.RUNNING
-        self.codec = Codec(cfg.limits, opaque_input=True)  # a job's input is forwarded unread, as bytes
+        # Client socket: only client requests decode (a reply or `w_*` op from a client is `unknown_op`);
+        # a job's input is forwarded unread, as bytes.
+        self.codec = Codec(cfg.limits, opaque_input=True, accept=CLIENT_REQUEST_OPS)
         # Worker traffic is private and already passed the client limits on its way in; a result
         # may be larger than the request (and must never crash the loop by being so).
         self.wcodec = Codec(INTERNAL_LIMITS)
@@ -61,6 +66,13 @@ class Coordinator:
         self.sup = self.dispatcher = self.fleet = self.client = self.signals = None
         self.wmonitor: security.HandshakeMonitor | None = None  # Ray mode: refusals on the worker socket
         self.worker_keys: security.WorkerKeys | None = None  # Ray mode: the worker socket's CURVE keys
+        # Startup: every pool's first load settles (served or failed), then on_startup({pool: reason})
+        # is called once; a failure without keep_going stops everything and run() returns 2.
+        self.on_startup = on_startup
+        self.starting = True
+        self.startup_failures: dict[str, str] = {}
+        self.exit_code = 0
+        self._next_reconcile = 0.0
 
     # ------------------------------------------------------------------ start
 
@@ -92,14 +104,13 @@ class Coordinator:
         reply = replier(self.csock, self.codec, self.out)
         # The supervisor reports slot events to the dispatcher, built next, which needs the supervisor.
         self.sup = Supervisor(self.cfg, self.worker_endpoint, self._send_worker, self.launcher, self.loop,
-                              lambda *a: self.dispatcher.slot_down(*a),
-                              lambda slot: self.dispatcher.slot_changed(slot), self.metrics)
+                              lambda *a: self.dispatcher.slot_down(*a), self._slot_changed, self.metrics)
         self.dispatcher = Dispatcher(self.pools, self.wsock, self.codec, self.wcodec, self.out, reply,
                                      self.sup, self.metrics)
         self.fleet = Fleet(self.pools, self.sup)
         self.client = ClientOps(self.cfg, self.csock, self.codec, reply, self.dispatcher.table, self.pools,
-                                self.dispatcher.dispatch, self.fleet.scale, self.request_stop,
-                                lambda: self.state, self.snapshot, self.metrics)
+                                self.dispatcher.dispatch, self.fleet.scale, self.fleet.reload,
+                                self.request_stop, lambda: self.state, self.snapshot, self.metrics)
         self.loop.add(self.csock, self.client.on_readable)
         self.loop.add(self.wsock, self.dispatcher.on_readable)
 
@@ -138,7 +149,7 @@ class Coordinator:
         """The state `status`, `health` and the metrics read (built on the loop thread)."""
         return snapshot.take(self.state.value, self.endpoint, time.monotonic() - self.started_at,
                              self.cfg.hb_timeout, self.client.rejected, self.pools, self.dispatcher.table,
-                             time.monotonic())
+                             time.monotonic(), snapshot.config_limits(self.cfg))
 
     # ------------------------------------------------------------------ run
 
@@ -157,10 +168,15 @@ class Coordinator:
                     self.out.flush()
         finally:
             self.shutdown()
-        return 0
+        return self.exit_code
 
     def _tick(self, now: float) -> None:
         self.sup.tick(self.fleet.slots(), now)
+        if self.starting:
+            self._check_startup()
+        if now >= self._next_reconcile and self.state == CS.RUNNING:
+            self._next_reconcile = now + RECONCILE_S
+            self.fleet.reconcile(now)
         self.dispatcher.table.expire(now)
         for monitor in (self.monitor, self.wmonitor):
             if monitor is not None:  # suppressed-refusal counts reach the log without a next refusal
@@ -193,6 +209,28 @@ class Coordinator:
             shutil.rmtree(self.run_dir, ignore_errors=True)
             self.run_dir = None
         log.info("stopped: %s", self.stop_reason or "done")
+
+    # ------------------------------------------------------------------ startup
+
+    def _slot_changed(self, slot) -> None:
+        self.dispatcher.slot_changed(slot)
+        if self.starting:  # now, not at the next tick: no client may see a pool ready before the outcome
+            self._check_startup()
+
+    def _check_startup(self) -> None:
+        """Once every pool's first load settled: report, and without keep_going stop on a failure."""
+        outcomes = {name: pool.startup_outcome() for name, pool in self.pools.items()}
+        if not all(settled for settled, _ in outcomes.values()) and self.state == CS.RUNNING:
+            return
+        self.starting = False
+        self.startup_failures = {name: why for name, (_, why) in outcomes.items() if why}
+        for name, why in self.startup_failures.items():
+            log.error("pool %s failed to start: %s", name, why, extra={"pool": name})
+        if self.on_startup is not None:
+            self.on_startup(self.startup_failures)
+        if self.startup_failures and not self.cfg.keep_going and self.state == CS.RUNNING:
+            self.exit_code = EXIT_STARTUP_FAILED
+            self.request_stop(f"pool(s) {sorted(self.startup_failures)} failed to start", drain=False)
 
     # ------------------------------------------------------------------ stop
 

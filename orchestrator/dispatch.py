@@ -16,7 +16,7 @@ from protocol.messages import (
     Chunk, Error, Result, WCancel, WChunk, WError, WFatal, WGroupReport, WHeartbeat, WHello, WReady,
     WResult, WRun,
 )
-from protocol import errors as E
+from protocol import ProtocolError, errors as E
 from .jobtable import JobTable
 from .states import JobState as JS, WorkerState as WS
 
@@ -77,10 +77,24 @@ class Dispatcher:
                 continue  # a process already declared dead: its late messages are dropped
             slot, proc = entry
             proc.last_seen = now
-            msg = decode(frames[-1])
+            try:
+                msg = decode(frames[-1]) if len(frames) == 2 else None
+            except ProtocolError as e:
+                msg, why = None, e.message
+            else:
+                why = f"{len(frames) - 1} frames" if msg is None else f"unexpected op {msg.OP!r}"
             op = ops.get(type(msg))
-            if op is not None:
-                op(self, slot, proc, msg)
+            if op is None:
+                self._malformed(slot, proc, why)
+                continue
+            op(self, slot, proc, msg)
+
+    def _malformed(self, slot, proc, why: str) -> None:
+        """A worker that breaks the protocol cannot be trusted with its jobs: end its incarnation (its
+        jobs are requeued, as after a crash) and go on serving everyone else."""
+        log.error("%s: malformed message from worker: %s", proc.wid, why,
+                  extra={"wid": slot.name, "pool": slot.spec.pool})
+        self.sup.fail(slot, f"malformed message from worker: {why}")
 
     def _w_result(self, slot, proc, msg: WResult) -> None:
         job = self.table.acknowledge(slot, msg.jid, ok=True)

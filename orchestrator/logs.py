@@ -52,11 +52,39 @@ class JsonFormatter(logging.Formatter):
 TEXT_FORMAT = "%(asctime)s %(levelname)-7s %(name)s [%(wid)s] %(message)s"
 
 
-def setup(fmt: str = "text", level: str = "INFO", stream=None) -> None:
+class HoldUntilStarted(logging.Handler):
+    """Holds log records while serve starts, so that a startup failure is the first line on stderr
+    (the log, with the one traceback, follows it). Released by `release_held()` once every pool's first
+    load settled, or by the first record after `max_hold` seconds, so a slow model load is never silent
+    for long. Records pass straight through once released. (Not `release()`: that is the handler's lock.)"""
+
+    def __init__(self, target: logging.Handler, max_hold: float):
+        super().__init__()
+        self.target = target
+        self.deadline = time.monotonic() + max_hold
+        self.held: list | None = []
+
+    def emit(self, record: logging.LogRecord) -> None:
+        if self.held is not None and time.monotonic() < self.deadline:
+            self.held.append(record)
+            return
+        self.release_held()
+        self.target.handle(record)
+
+    def release_held(self) -> None:
+        held, self.held = self.held, None
+        for record in held or ():
+            self.target.handle(record)
+
+
+def setup(fmt: str = "text", level: str = "INFO", stream=None, hold: float = 0.0):
+    """Log to stderr; with `hold` > 0, behind a HoldUntilStarted (returned, to release)."""
     handler = logging.StreamHandler(stream or sys.stderr)
     handler.addFilter(_Context())
     handler.setFormatter(JsonFormatter() if fmt == "json" else logging.Formatter(TEXT_FORMAT))
+    top = HoldUntilStarted(handler, hold) if hold > 0 else handler
     root = logging.getLogger()
-    root.handlers[:] = [handler]
+    root.handlers[:] = [top]
     root.setLevel(level)
     logging.captureWarnings(True)  # library warnings become log lines too (JSON in json mode)
+    return top

@@ -47,6 +47,17 @@ class Pool:
                         env=cfg.env,
                         guard_timeout=cfg.guard_timeout)
 
+    def startup_outcome(self) -> tuple[bool, str | None]:
+        """(settled, failure): settled once every slot served or failed; failure is the first failed
+        slot's reason (a permanent failure, or a failure budget spent while loading)."""
+        slots = self.live_slots()
+        if any(s.state not in SERVING and s.state not in (WorkerState.FAILED, WorkerState.DRAINING)
+               for s in slots):
+            return False, None
+        failed = [s for s in slots if s.state == WorkerState.FAILED]
+        failed.sort(key=lambda s: (not s.permanent, s.spec.index))
+        return True, (f"{failed[0].name}: {failed[0].last_exit_reason}" if failed else None)
+
     def live_slots(self) -> list[Slot]:
         return [s for s in self.slots.values() if s.state != WorkerState.STOPPED]
 
@@ -68,8 +79,18 @@ class Pool:
         return best
 
     def health(self) -> str:
-        """`ready`, `degraded` or `unavailable`: see `pool_health`."""
+        """`ready`, `degraded`, `unavailable` or `failed`: see `pool_health`."""
         return pool_health([s.state for s in self.slots.values()])
+
+    def reason(self) -> str | None:
+        """Why the pool is not ready, in words: the first failed (else dead) slot's last exit reason."""
+        slots = sorted(self.live_slots(), key=lambda s: s.spec.index)
+        down = (WorkerState.DEAD, WorkerState.RESTARTING, WorkerState.STUCK)
+        for states in ((WorkerState.FAILED,), down):
+            for s in slots:
+                if s.state in states and s.last_exit_reason:
+                    return f"{s.name}: {s.last_exit_reason}"
+        return None
 
     def can_ever_serve(self) -> bool:
         """False when no slot is alive or coming back: jobs would wait forever (`unavailable`)."""
@@ -98,14 +119,20 @@ class Pool:
 
 def pool_health(states: list) -> str:
     """`ready`: every slot it runs serves; `degraded`: at least one serves, but some are dead, stuck,
-    restarting, failed or still starting; `unavailable`: none can take jobs.
+    restarting, failed or still starting; `failed`: every slot is failed (the pool's `reason` says why);
+    `unavailable`: none can take jobs now.
 
     Draining slots (scale-down) are neither: they are on their way out by choice; stopped ones are gone.
 
     >>> S = WorkerState
     >>> pool_health([S.READY, S.DRAINING]), pool_health([S.BUSY, S.DEAD]), pool_health([S.DRAINING])
     ('ready', 'degraded', 'unavailable')
+    >>> pool_health([S.FAILED, S.STOPPED]), pool_health([S.FAILED, S.RESTARTING])
+    ('failed', 'unavailable')
     """
+    shown = [s for s in states if s != WorkerState.STOPPED]
+    if shown and all(s == WorkerState.FAILED for s in shown):
+        return "failed"
     if not any(s in SERVING for s in states):
         return "unavailable"
     if any(s in UNHEALTHY for s in states):

@@ -14,6 +14,7 @@ from protocol.workerspec import CONTROL, DATA, GUARD_TIMEOUT_S, WorkerSpec, rout
 from .jobtable import SlotLoad
 from .launcher import RankHandle, RankLaunch, SlotHandle, SlotLaunch
 from .placement import cuda_visible
+from .restarts import FailureBudget
 from .states import WORKER_TRANSITIONS, WorkerState, move
 
 
@@ -86,7 +87,13 @@ class Slot:
         self.replay_safe = True
         self.load = SlotLoad()  # the jobs it holds credits for (owned by the JobTable)
         self.consecutive_failures = 0
+        self.budget = FailureBudget()  # transient failures; limits from the pool config (restarts.py)
         self.last_exit_reason: str | None = None
+        self.last_exit_code: str | None = None  # the w_fatal code of the last failure, if it sent one
+        self.last_traceback: str | None = None  # of the last w_fatal, so a repeat is not logged again
+        self.permanent = False  # FAILED for a reason that would recur: only the operator retries it
+        self.retry_at: float | None = None  # FAILED within budget limits: when reconcile retries it
+        self.restart_on_stop = False  # `reload`: start again as soon as the staged stop completes
         self.restart_at = 0.0
         self.ready_at: float | None = None
         self.state_since = time.monotonic()

@@ -25,7 +25,7 @@ log = logging.getLogger("orchestrator.metrics")
 REFRESH = 0.5  # seconds between gauge refreshes (a scrape sees values at most this old)
 LATENCY_BUCKETS = (.001, .0025, .005, .01, .025, .05, .1, .25, .5, 1, 2.5, 5, 10, 30, 60, 120, 300, 600)
 TTFT_BUCKETS = (.005, .01, .025, .05, .1, .25, .5, 1, 2.5, 5, 10, 30, 60)
-POOL_HEALTH = ("ready", "degraded", "unavailable")
+POOL_HEALTH = ("ready", "degraded", "unavailable", "failed")
 
 
 class _Published:
@@ -93,7 +93,7 @@ class PrometheusMetrics:
         self.queue_depth = gauge("orchestrator_queue_depth", "Jobs waiting in the pool's queue", ["pool"])
         self.inflight = gauge("orchestrator_jobs_inflight", "Jobs running on the pool's workers", ["pool"])
         self.pool_health = gauge("orchestrator_pool_health", "1 for the pool's current health (ready, "
-                                 "degraded, unavailable), 0 for the others", ["pool", "status"])
+                                 "degraded, unavailable, failed), 0 for the others", ["pool", "status"])
         self.worker_state = gauge("orchestrator_worker_state", "1 for the worker slot's current state, "
                                   "0 for the others", ["pool", "worker", "state"])
         self.worker_inflight = gauge("orchestrator_worker_inflight", "Jobs in flight on the worker",

@@ -6,6 +6,7 @@ is why `status` answers while every worker is busy or hung.
 """
 from __future__ import annotations
 
+import dataclasses
 import os
 from dataclasses import dataclass
 
@@ -43,6 +44,7 @@ class WorkerSnapshot:
     state_age: float
     info: dict
     ranks: tuple  # of RankSnapshot
+    failure: dict | None  # when FAILED: reason, code, permanent, retry_in
 
 
 @dataclass(frozen=True)
@@ -57,6 +59,8 @@ class PoolSnapshot:
     completed: int
     failed: int
     throughput_1m: float
+    queue_size: int
+    reason: str | None  # why it is not ready: the first failed (else dead) slot's reason
     workers: tuple  # of WorkerSnapshot, every slot in index order (stopped ones too)
 
 
@@ -69,6 +73,7 @@ class Snapshot:
     jobs_unfinished: int
     rejected: dict
     heartbeat_timeout: float
+    limits: dict  # every client-facing cap by its config key (per-pool queue sizes are in the pools)
     pools: dict  # name -> PoolSnapshot
 
 
@@ -94,7 +99,16 @@ def worker_snapshot(slot, now: float) -> WorkerSnapshot:
         running=len(load.running), awaiting_ack=len(load.awaiting_ack), capacity=slot.capacity,
         completed=load.completed, failed=load.failed, restarts=max(slot.incarnation - 1, 0),
         last_exit_reason=slot.last_exit_reason, state_age=round(now - slot.state_since, 3),
-        info=slot.info, ranks=tuple(rank_snapshot(p, now) for p in slot.procs))
+        info=slot.info, ranks=tuple(rank_snapshot(p, now) for p in slot.procs),
+        failure=_failure(slot, now))
+
+
+def _failure(slot, now: float) -> dict | None:
+    """Why a `failed` slot serves nothing, and whether anything but the operator will retry it."""
+    if slot.state != WorkerState.FAILED:
+        return None
+    return {"reason": slot.last_exit_reason, "code": slot.last_exit_code, "permanent": slot.permanent,
+            "retry_in": None if slot.retry_at is None else round(max(slot.retry_at - now, 0.0), 3)}
 
 
 def pool_snapshot(pool, jobs, now: float) -> PoolSnapshot:
@@ -103,14 +117,21 @@ def pool_snapshot(pool, jobs, now: float) -> PoolSnapshot:
     return PoolSnapshot(
         name=pool.name, handler=pool.cfg.handler, tp=pool.cfg.tp, desired=pool.desired,
         health=pool.health(), queued=len(jobs.queue), running=jobs.running, completed=jobs.completed,
-        failed=jobs.failed, throughput_1m=round(jobs.throughput(now), 3),
-        workers=tuple(worker_snapshot(s, now) for s in slots))
+        failed=jobs.failed, throughput_1m=round(jobs.throughput(now), 3), queue_size=pool.cfg.queue_size,
+        reason=pool.reason(), workers=tuple(worker_snapshot(s, now) for s in slots))
+
+
+def config_limits(cfg) -> dict:
+    """Every client-facing cap, by its config key (protocol/README.md, "Limits")."""
+    return {**dataclasses.asdict(cfg.limits), "max_pending_per_client": cfg.max_pending_per_client,
+            "max_queued_total": cfg.max_queued_total}
 
 
 def take(state: str, endpoint: str | None, uptime: float, heartbeat_timeout: float, rejected: dict,
-         pools: dict, table, now: float) -> Snapshot:
-    """Snapshot of the whole coordinator (called on the event loop)."""
+         pools: dict, table, now: float, limits: dict | None = None) -> Snapshot:
+    """Snapshot of the whole coordinator (called on the event loop); `limits`: `config_limits(cfg)`."""
     return Snapshot(
         state=state, endpoint=endpoint, pid=os.getpid(), uptime=round(uptime, 3),
         jobs_unfinished=table.unfinished(), rejected=dict(rejected), heartbeat_timeout=heartbeat_timeout,
+        limits=dict(limits or {}),
         pools={name: pool_snapshot(p, table.pools[name], now) for name, p in pools.items()})

@@ -19,7 +19,8 @@ class WorkerState(str, enum.Enum):
     STUCK      -> DEAD                        a step exceeded its budget; being killed
     DEAD       -> RESTARTING, FAILED, STOPPED a process exited or was killed; jobs requeued
     RESTARTING -> STARTING, STOPPED           waiting out its backoff
-    FAILED     -> STOPPED                     restart budget spent; serves nothing
+    FAILED     -> STARTING, STOPPED           a permanent failure, or the failure budget spent; serves
+                                              nothing until retried (budget refilled, scale, reload)
     STOPPED    -> STARTING                    stopped on purpose (scale down, shutdown); also the
                                               state of a new slot, and scale-up starts it again
     """
@@ -46,7 +47,7 @@ WORKER_TRANSITIONS = {
     S.STUCK: {S.DEAD},
     S.DEAD: {S.RESTARTING, S.FAILED, S.STOPPED},
     S.RESTARTING: {S.STARTING, S.STOPPED},
-    S.FAILED: {S.STOPPED},
+    S.FAILED: {S.STARTING, S.STOPPED},
     S.STOPPED: {S.STARTING},
 }
 LIVE = {S.STARTING, S.LOADING, S.READY, S.BUSY, S.DRAINING, S.STUCK}

@@ -20,11 +20,11 @@ from protocol.messages import WGroupInfo, WPing, WStop
 from .launcher import ExitEvent, LaunchError, Launcher, SlotHandle
 from .logs import ids
 from .procs import Proc, Slot, slot_launch
+from .restarts import decide
 from .states import LIVE, SERVING, WorkerState as S
 
 log = logging.getLogger("orchestrator.supervisor")
 
-HEALTHY_RESET = 30.0  # a slot ready this long has its consecutive-failure count (and backoff) reset
 # Silence before a process's first message is start-up (interpreter, imports), which takes seconds on a
 # loaded machine; heartbeat loss counts only after its hello, and a start that never says hello gets this.
 START_TIMEOUT = 60.0
@@ -58,6 +58,7 @@ class Supervisor:
         slot.group_info = None  # each incarnation rendezvouses anew
         slot.stop_reason = None
         slot.handle = None
+        slot.permanent, slot.retry_at, slot.last_exit_code = False, None, None
         slot.set_state(S.STARTING)
         launch = slot_launch(slot.spec, slot.incarnation, self.endpoint, self.cfg)
         try:
@@ -113,9 +114,15 @@ class Supervisor:
             proc.stats = msg.stats
 
     def on_fatal(self, slot: Slot, proc: Proc, msg) -> None:
-        log.error("%s: fatal %s: %s", proc.wid, msg.code, msg.message, extra=ids(slot))
-        self.fail(slot, f"{msg.code}: {msg.message.strip().splitlines()[-1] if msg.message else ''}",
-                  code=msg.code)
+        last = msg.message.strip().splitlines()[-1] if msg.message.strip() else ""
+        tb = msg.details.get("traceback") if isinstance(msg.details, dict) else None
+        if tb and tb != slot.last_traceback:  # once in the log, not once per attempt that fails alike
+            slot.last_traceback = tb
+            log.error("%s: fatal %s: %s\n%s", proc.wid, msg.code, last, tb.rstrip(), extra=ids(slot))
+        else:
+            again = " (the same traceback as the attempt before)" if tb else ""
+            log.error("%s: fatal %s: %s%s", proc.wid, msg.code, last, again, extra=ids(slot))
+        self.fail(slot, f"{msg.code}: {last}", code=msg.code)
 
     def on_group_report(self, slot: Slot, msg) -> None:
         """Relay rank 0's rendezvous info to the other ranks (no free-port race: rank 0 bound port 0)."""
@@ -151,7 +158,7 @@ class Supervisor:
             slot.set_state(S.STUCK)
             log.warning("%s: stuck: %s", slot.name, reason, extra=ids(slot))
         slot.set_state(S.DEAD)
-        slot.last_exit_reason = reason
+        slot.last_exit_reason, slot.last_exit_code = reason, code
         log.warning("%s: down: %s", slot.name, reason, extra=ids(slot))
         self._kill_all(slot, reason)
         self.on_down(slot, reason, code)
@@ -185,6 +192,9 @@ class Supervisor:
                 slot.set_state(S.STOPPED)
                 log.info("%s: stopped: %s", slot.name, slot.stop_reason or "coordinator stopping",
                          extra=ids(slot))
+            if slot.restart_on_stop and not self.stopping:  # `reload`: the same slot comes back at once
+                slot.restart_on_stop = False
+                self.start_slot(slot, self.pool_cfgs[slot.spec.pool])
             self.on_change(slot)
             return
         if slot.state == S.DEAD:
@@ -193,20 +203,51 @@ class Supervisor:
     def _schedule_restart(self, slot: Slot) -> None:
         now = time.monotonic()
         cfg = self.pool_cfgs[slot.spec.pool]
-        if slot.ready_at is not None and now - slot.ready_at > HEALTHY_RESET:
-            slot.consecutive_failures = 0
-        slot.consecutive_failures += 1
-        if slot.consecutive_failures > cfg.max_restarts:
+        d = decide(slot, cfg, slot.last_exit_code, now)
+        if d.restart_in is None:
+            slot.permanent, slot.retry_at = d.permanent, d.retry_at
             slot.set_state(S.FAILED)
-            log.error("%s: failed: restart budget (%d) spent; last exit: %s", slot.name,
-                      cfg.max_restarts, slot.last_exit_reason, extra=ids(slot))
+            retry = "only the operator retries it (scale, reload)" if d.permanent else \
+                f"retried in {d.retry_at - now:.0f} s"
+            log.error("%s: failed (%s; %s): %s", slot.name, d.why, retry, slot.last_exit_reason,
+                      extra=ids(slot))
             self.on_change(slot)
             return
-        delay = min(cfg.restart_backoff * 2 ** (slot.consecutive_failures - 1), cfg.restart_backoff_max)
-        slot.restart_at = now + delay
+        slot.restart_at = now + d.restart_in
         slot.set_state(S.RESTARTING)
-        log.info("%s: restarting in %.2f s (attempt %d)", slot.name, delay, slot.consecutive_failures,
+        log.info("%s: restarting in %.2f s (attempt %d)", slot.name, d.restart_in, slot.consecutive_failures,
                  extra=ids(slot))
+
+    def retry_if_due(self, slot: Slot, now: float) -> None:
+        """The reconcile step: a slot failed for a transient reason comes back once its budget refilled."""
+        if slot.state == S.FAILED and not slot.permanent and slot.retry_at is not None \
+                and now >= slot.retry_at:
+            self.retry(slot, "failure budget refilled", fresh_budget=False)
+
+    def reload(self, slot: Slot, reason: str) -> None:
+        """`reload POOL`: a failed slot starts at once, a live one after its drain (restart_on_stop), both
+        with a fresh failure budget. A slot already being stopped on purpose is left alone."""
+        if slot.state == S.FAILED:
+            self.retry(slot, reason, fresh_budget=True)
+            return
+        if slot.state == S.STOPPED or slot.stop_reason:
+            return
+        slot.budget.reset()
+        slot.consecutive_failures = 0
+        if slot.state in (S.READY, S.BUSY, S.STARTING, S.LOADING):
+            slot.restart_on_stop = True
+            self.drain_slot(slot, reason)
+
+    def retry(self, slot: Slot, reason: str, fresh_budget: bool) -> None:
+        """Start a FAILED slot again: the reconcile step once its budget refilled, or the operator (scale,
+        reload) with a fresh budget, which is the only way a permanent failure is retried."""
+        if slot.state != S.FAILED or self.stopping:
+            return
+        if fresh_budget:
+            slot.budget.reset()
+            slot.consecutive_failures = 0
+        log.info("%s: retrying after failure (%s)", slot.name, reason, extra=ids(slot))
+        self.start_slot(slot, self.pool_cfgs[slot.spec.pool])
 
     # ------------------------------------------------------------------ timers
 

@@ -44,6 +44,7 @@ def worker_view(w: WorkerSnapshot) -> dict:
         "gpu_memory": [g for r in live for g in r.gpu_memory],
         "ranks": [_rank_view(r) for r in w.ranks],
         "info": w.info,
+        "failure": w.failure,
     }
 
 
@@ -62,6 +63,8 @@ def pool_view(p: PoolSnapshot) -> dict:
         "completed": p.completed,
         "failed": p.failed,
         "throughput_1m": p.throughput_1m,
+        "queue_size": p.queue_size,
+        "reason": p.reason,
         "workers": [worker_view(w) for w in _shown(p)],
     }
 
@@ -74,12 +77,13 @@ def status(snap: Snapshot) -> dict:
         "uptime": snap.uptime,
         "jobs_unfinished": snap.jobs_unfinished,
         "rejected": snap.rejected,
+        "limits": snap.limits,
         "pools": {name: pool_view(p) for name, p in snap.pools.items()},
     }
 
 
 HEALTH_KEYS = ("state", "state_age", "heartbeat_age", "step_age", "inflight", "restarts",
-               "last_exit_reason")
+               "last_exit_reason", "failure")
 
 
 def health(snap: Snapshot) -> dict:
@@ -95,11 +99,12 @@ def health(snap: Snapshot) -> dict:
         for w in _shown(p):
             v = worker_view(w)
             workers[w.name] = {k: v[k] for k in HEALTH_KEYS}
-        pools[name] = {"status": p.health, "workers": workers}
+        pools[name] = {"status": p.health, "reason": p.reason, "workers": workers}
     states = {p["status"] for p in pools.values()}
-    overall = "ready" if states == {"ready"} else "unavailable" if states == {"unavailable"} else "degraded"
+    overall = "ready" if states == {"ready"} else \
+        "unavailable" if states <= {"unavailable", "failed"} else "degraded"
     return {"alive": True, "state": snap.state, "status": overall,
-            "heartbeat_timeout": snap.heartbeat_timeout, "pools": pools}
+            "heartbeat_timeout": snap.heartbeat_timeout, "limits": snap.limits, "pools": pools}
 
 
 __all__ = ["status", "health", "worker_view", "pool_view"]

@@ -86,17 +86,25 @@ def array_hook(d: dict) -> Any:
     return d
 
 
-def peek_id(raw: bytes, max_keys: int = 8):
-    """The request id of a message too large to decode, or None: reads only keys up to "id" and skips
-    values unbuilt, so that the `too_large` reply still reaches the job that caused it."""
-    unpacker = msgpack.Unpacker(raw=False, max_str_len=64, max_bin_len=64, max_array_len=0,
-                                max_map_len=0, max_ext_len=0, max_buffer_size=len(raw) + 1)
+def _is_request_id(v: Any) -> bool:
+    return isinstance(v, (int, str, bytes)) and not isinstance(v, bool)
+
+
+def peek_id(raw: bytes, limits: Limits | None = None, max_keys: int = 64):
+    """The request id of a message that cannot be decoded, or None: reads the top-level map's keys up
+    to "id" and skips other values unbuilt, so an error reply still reaches the job that caused it
+    when the message is too large, or carries an ext type or a non-string key somewhere else."""
+    lim = limits or Limits()
+    unpacker = msgpack.Unpacker(raw=False, max_str_len=lim.max_str_len, max_bin_len=lim.max_bin_len,
+                                max_array_len=0, max_map_len=0, max_ext_len=0,
+                                max_buffer_size=len(raw) + 1)
     try:
         unpacker.feed(raw)
         for _ in range(min(unpacker.read_map_header(), max_keys)):
+            # A key that is a map or list raises here (container limits are 0): no id then, which is rare.
             if unpacker.unpack() == "id":
                 rid = unpacker.unpack()
-                return rid if isinstance(rid, (int, str, bytes)) and not isinstance(rid, bool) else None
+                return rid if _is_request_id(rid) else None
             unpacker.skip()
     except Exception:  # garbage or an odd id: the reply goes out with a null id
         return None
@@ -111,11 +119,15 @@ class Codec:
     arrives in the message as the client's msgpack bytes, checked only against `max_message_bytes` as part
     of the whole message, and travels so to the worker, which decodes it under the same limits."""
 
-    def __init__(self, limits: Limits | None = None, arrays: bool = False, opaque_input: bool = False):
+    def __init__(self, limits: Limits | None = None, arrays: bool = False, opaque_input: bool = False,
+                 accept: dict | None = None):
         self.limits = limits or Limits()
         self.arrays = arrays
         self.opaque_input = opaque_input
         self._reused = None  # the envelope decoder's Unpacker for small messages (one thread per Codec)
+        # op -> class this codec decodes; any other op is `unknown_op` (the client socket accepts only
+        # client requests, so a reply or `w_*` op sent by a client is unknown there, not malformed).
+        self.accept = MESSAGES if accept is None else accept
         lim = self.limits
         self._unpack_kw = dict(
             raw=False,
@@ -132,7 +144,12 @@ class Codec:
         return msgpack.packb(msg.to_wire(), use_bin_type=True, default=wire_default)
 
     def decode(self, raw: bytes) -> Message:
-        return self.from_dict(self.unpack(raw))
+        try:
+            return self.from_dict(self.unpack(raw), self.accept)
+        except ProtocolError as e:
+            if e.request_id is None:  # keep the id whenever it can be read (an ext type elsewhere...)
+                e.request_id = peek_id(raw, self.limits)
+            raise
 
     def unpack(self, raw: bytes) -> dict:
         """Bytes -> the raw map, enforcing limits; raises MalformedMessage or MessageTooLarge."""
@@ -152,7 +169,7 @@ class Codec:
         except ValueError as e:
             if "exceeds max_" in str(e) and "max_ext_len" not in str(e):  # ext types are refused
                 raise MessageTooLarge(f"message field too large: {e}") from None
-            raise MalformedMessage(f"undecodable message: {e}") from None
+            raise MalformedMessage(_malformed_reason(e)) from None
         except Exception as e:  # msgpack raises several types for garbage (ExtraData, FormatError...)
             raise MalformedMessage(f"undecodable message: {type(e).__name__}: {e}") from None
 
@@ -205,7 +222,7 @@ class Codec:
         except ValueError as e:
             if "exceeds max_" in str(e) and "max_ext_len" not in str(e):
                 raise MessageTooLarge(f"message field too large: {e}") from None
-            raise MalformedMessage(f"undecodable message: {type(e).__name__}: {e}") from None
+            raise MalformedMessage(_malformed_reason(e)) from None
         except Exception as e:  # OutOfData (truncated), a non-map top level (ValueError above)...
             raise MalformedMessage(f"undecodable message: {type(e).__name__}: {e}") from None
         left = len(raw) - (unpacker.tell() - base)
@@ -214,9 +231,9 @@ class Codec:
         return d
 
     @staticmethod
-    def from_dict(d: dict) -> Message:
+    def from_dict(d: dict, accept: dict | None = None) -> Message:
         rid = d.get("id")
-        rid = rid if isinstance(rid, (int, str, bytes)) and not isinstance(rid, bool) else None
+        rid = rid if _is_request_id(rid) else None
         v = d.get("v")
         if type(v) is not int or v != PROTOCOL_VERSION:  # True and 1.0 equal 1 in Python
             raise UnsupportedVersion(f"protocol version {v!r} not supported (server speaks "
@@ -224,7 +241,17 @@ class Codec:
         op = d.get("op")
         if not isinstance(op, str):
             raise BadField("missing or non-string 'op'", rid)
-        cls = MESSAGES.get(op)
+        cls = (MESSAGES if accept is None else accept).get(op)
         if cls is None:
-            raise UnknownOp(f"unknown op {op!r}", rid)
+            why = "not a client request" if op in MESSAGES else "unknown op"
+            raise UnknownOp(f"{why}: {op!r}", rid)
         return cls.from_wire(d, rid)
+
+
+def _malformed_reason(e: ValueError) -> str:
+    text = str(e)
+    if "max_ext_len" in text:
+        return "msgpack ext types are not accepted"
+    if "map key" in text:  # msgpack: "int is not allowed for map key when strict_map_key=True"
+        return f"map keys must be strings, got a key of type {text.split()[0]}"
+    return f"undecodable message: {text}"

@@ -25,12 +25,30 @@ COLLECTIVE_MISMATCH = "collective_mismatch"  # a TP group's ranks disagreed befo
 LOAD_FAILED = "load_failed"  # w_fatal only (worker -> coordinator): the handler or TP group did not load
 SCALE_ERROR = "scale_error"  # scale request cannot be met (not enough free devices); nothing changed
 INTERNAL = "internal"  # a bug in the coordinator; the request was not processed
+DUPLICATE_ID = "duplicate_id"  # submit reuses the id of one of this client's unfinished jobs
+
+# Why a worker could not start serving, sent in `w_fatal` (never to clients: they see the slot's state and
+# reason in status/health). A permanent failure would happen again on every attempt, so the supervisor
+# marks the slot `failed` at once instead of restarting it; anything else is transient and restarted
+# with backoff.
+BAD_CONFIG = "bad_config"  # a handler config key is unknown, missing or has a bad value
+UNKNOWN_HANDLER = "unknown_handler"  # the pool's handler names no built-in and no importable module:Class
+MODEL_NOT_FOUND = "model_not_found"  # the model is neither a local directory nor a valid hub id
+HANDLER_INIT_FAILED = "handler_init_failed"  # the handler's constructor raised
+# LOAD_FAILED (above): load() raised something else (a crash, a CUDA error, out of memory): transient.
 
 ALL_CODES = (
     BAD_REQUEST, UNSUPPORTED_VERSION, UNKNOWN_OP, UNKNOWN_POOL, UNKNOWN_JOB, TOO_LARGE, OVERLOADED,
     UNAVAILABLE, SHUTTING_DOWN, CANCELLED, TIMEOUT, INVALID_INPUT, HANDLER_ERROR, WORKER_CRASHED,
-    COLLECTIVE_MISMATCH, LOAD_FAILED, SCALE_ERROR, INTERNAL,
+    COLLECTIVE_MISMATCH, LOAD_FAILED, SCALE_ERROR, INTERNAL, DUPLICATE_ID,
 )
+WORKER_FATAL_CODES = (BAD_CONFIG, UNKNOWN_HANDLER, MODEL_NOT_FOUND, HANDLER_INIT_FAILED, LOAD_FAILED)
+PERMANENT_CODES = frozenset({BAD_CONFIG, UNKNOWN_HANDLER, MODEL_NOT_FOUND, HANDLER_INIT_FAILED})
+
+
+def is_permanent(code: str | None) -> bool:
+    """True when a worker failure with this code would recur on every restart (see PERMANENT_CODES)."""
+    return code in PERMANENT_CODES
 
 
 class ProtocolError(Exception):
@@ -73,3 +91,21 @@ class JobError(Exception):
         self.code = code
         self.message = message
         self.details = details
+
+
+class WorkerFailure(Exception):
+    """Raised inside a worker (by a handler's constructor or load, or by the worker itself) to end it
+    with a `w_fatal` carrying `code`, one of WORKER_FATAL_CODES. Its message is the reason as the
+    operator reads it, so no traceback goes with it."""
+
+    def __init__(self, code: str, message: str):
+        super().__init__(message)
+        self.code = code
+        self.message = message
+
+
+class ConfigError(WorkerFailure, ValueError):
+    """A handler's config is wrong (unknown key, missing model, bad value): permanent."""
+
+    def __init__(self, message: str):
+        super().__init__(BAD_CONFIG, message)

@@ -66,25 +66,32 @@ class Message:
     """Base of every wire message. Subclasses set OP and are registered with `@register`."""
 
     OP: ClassVar[str] = ""
-    # (name, check, nullable, required) per field, computed once at registration for fast decoding.
+    # Optional fields that travel even when nil, so that a reply's shape never depends on its value
+    # (a result without output still carries `"output": nil`).
+    ALWAYS_SENT: ClassVar[tuple] = ()
+    # (name, check, nullable, sent) per field, computed once at registration for fast decoding; `sent`:
+    # the field travels even as nil (required fields, the error id, ALWAYS_SENT).
     _FIELDS: ClassVar[tuple] = ()
+    _REQUIRED: ClassVar[frozenset] = frozenset()
     _NAMES: ClassVar[frozenset] = frozenset()
 
     def to_wire(self) -> dict:
         d = {"v": PROTOCOL_VERSION, "op": self.OP}
-        for name, _check, _nullable, required in self._FIELDS:
+        for name, _check, _nullable, sent in self._FIELDS:
             value = getattr(self, name)
-            if value is not None or required:  # a required field travels even as nil (error id)
+            if value is not None or sent:
                 d[name] = value
         return d
 
     @classmethod
     def from_wire(cls, d: dict, request_id: Any = None) -> "Message":
         kwargs = {}
-        for name, check, nullable, required in cls._FIELDS:
+        required = cls._REQUIRED
+        for name, check, nullable, _sent in cls._FIELDS:
             value = d.get(name, _ABSENT)
-            if value is _ABSENT:
-                if required:
+            # An optional field may be omitted or nil (protocol/README.md): nil then means its default.
+            if value is _ABSENT or value is None and not nullable and name not in required:
+                if name in required:
                     raise BadField(f"{cls.OP}: missing field '{name}'", request_id)
                 continue
             if not (value is None and nullable or check(value)):
@@ -107,12 +114,14 @@ def register(cls: type[Message]) -> type[Message]:
     """Add a message class to the registry, precomputing its field checkers."""
     if cls.OP in MESSAGES:
         raise ValueError(f"duplicate op {cls.OP!r}")
-    specs = []
+    specs, required = [], set()
     for f in dataclasses.fields(cls):
         check, nullable = field_check(f.type if isinstance(f.type, str) else f.type.__name__)
-        required = f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING
-        specs.append((f.name, check, nullable, required))
+        if f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING:
+            required.add(f.name)
+        specs.append((f.name, check, nullable, f.name in required or f.name in cls.ALWAYS_SENT))
     cls._FIELDS = tuple(specs)
+    cls._REQUIRED = frozenset(required)
     cls._NAMES = frozenset(["v", "op", *(s[0] for s in specs)])
     MESSAGES[cls.OP] = cls
     return cls
@@ -186,6 +195,17 @@ class Ping(Message):
     id: RequestId
 
 
+@register
+@dataclass(slots=True)
+class Reload(Message):
+    """Restart every slot of `pool` with a fresh failure budget: the operator's way to retry a slot that
+    failed permanently (after fixing its model or config on disk), or to pick up new weights."""
+
+    OP: ClassVar[str] = "reload"
+    id: RequestId
+    pool: str
+
+
 # ----------------------------------------------------------------------------- coordinator -> client
 
 
@@ -195,6 +215,7 @@ class Result(Message):
     """The final output of job `id`."""
 
     OP: ClassVar[str] = "result"
+    ALWAYS_SENT: ClassVar[tuple] = ("output", "meta")
     id: RequestId
     output: Any = None
     meta: dict | None = None
@@ -206,6 +227,7 @@ class Chunk(Message):
     """One streamed piece of job `id`; seq counts from 0 with no gaps."""
 
     OP: ClassVar[str] = "chunk"
+    ALWAYS_SENT: ClassVar[tuple] = ("data",)
     id: RequestId
     seq: int
     data: Any = None
@@ -229,6 +251,7 @@ class Ok(Message):
     """Success reply to a non-job request (status, health, scale, stop, ping, cancel)."""
 
     OP: ClassVar[str] = "ok"
+    ALWAYS_SENT: ClassVar[tuple] = ("data",)
     id: RequestId
     data: Any = None
 
@@ -374,5 +397,7 @@ class WGroupReport(Message):
     info: dict
 
 
-CLIENT_REQUESTS = (Submit, Cancel, Status, Health, Scale, Stop, Ping)
+CLIENT_REQUESTS = (Submit, Cancel, Status, Health, Scale, Reload, Stop, Ping)
 CLIENT_REPLIES = (Result, Chunk, Error, Ok)
+# What the coordinator's client socket decodes: any other op (a reply, a `w_*` op) is `unknown_op`.
+CLIENT_REQUEST_OPS = {cls.OP: cls for cls in CLIENT_REQUESTS}

@@ -310,13 +310,15 @@ class Runner:
     generate        plain `model.generate` on a static batch (prompts of one wave share a length).
     """
 
-    def __init__(self, model, method: str, new_tokens: int, cb: dict):
+    def __init__(self, model, method: str, new_tokens: int, cb: dict, engine_warmup: bool = False):
         self.model, self.method, self.new_tokens = model, method, new_tokens
         self.gen, self.cbc = gen_configs(new_tokens, cb)
         self.mgr, self.count = None, 0
         if method == "manager":
             self.mgr = model.init_continuous_batching(generation_config=self.gen,
                                                       continuous_batching_config=self.cbc)
+            if engine_warmup and hasattr(self.mgr, "warmup"):
+                self.mgr.warmup()  # as the generate handler does on CUDA: graphs at the largest size first
             self.mgr.start()
 
     def waves(self, waves: list) -> dict:
@@ -416,13 +418,35 @@ def _role_build(spec: dict) -> dict:
                        for m in spec["models"]]}
 
 
+def _role_greedy(spec: dict) -> dict:
+    """Plain `model.generate`, greedy, one prompt at a time: the reference for token-for-token parity."""
+    model = load_model(spec["model"], spec["dtype"], spec["device"])
+    return {"outputs": [Runner(model, "generate", spec["new_tokens"], {})._generate([p])[0]
+                        for p in spec["prompts"]]}
+
+
 def _role_inproc(spec: dict) -> dict:
-    """One model on one device; per method: an untimed warm-up, then each run's waves."""
+    """One model on one device; per method: an untimed warm-up, then each run's waves. With spec["levels"]
+    ({name: {"warmup": waves, "timed": waves}}), one engine serves every level in turn, each with its own
+    untimed warm-up wave and its own engine (level["cb"]), as the per-level pools of bench_gpu_scaling's
+    engine comparison."""
     t0 = time.perf_counter()
     model = load_model(spec["model"], spec["dtype"], spec["device"])
     out: dict = {"load_s": time.perf_counter() - t0}
     for method in spec.get("methods", ["manager"]):
-        runner = Runner(model, method, spec["new_tokens"], spec["cb"])
+        if "levels" in spec:  # one manager per level, each with that level's engine config
+            out[method] = {}
+            for name, level in spec["levels"].items():
+                runner = Runner(model, method, spec["new_tokens"], level.get("cb", spec["cb"]),
+                                spec.get("engine_warmup", False))
+                try:
+                    runner.waves(level["warmup"])
+                    run = runner.waves(level["timed"])
+                finally:
+                    runner.close()
+                out[method][name] = {k: run[k] for k in ("seconds", "tokens")}
+            continue
+        runner = Runner(model, method, spec["new_tokens"], spec["cb"], spec.get("engine_warmup", False))
         try:
             runner.waves(spec["warmup"])
             out[method] = {name: runner.waves(waves) for name, waves in spec["runs"].items()}
@@ -473,7 +497,7 @@ def _role_threads(spec: dict) -> dict:
     return result
 
 
-ROLES = {"build": _role_build, "inproc": _role_inproc, "threads": _role_threads}
+ROLES = {"build": _role_build, "inproc": _role_inproc, "threads": _role_threads, "greedy": _role_greedy}
 
 if __name__ == "__main__":
     _role, _spec_path = sys.argv[1], sys.argv[2]

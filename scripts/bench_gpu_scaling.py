@@ -32,6 +32,29 @@ Writes JSON to --out and $OUT/bench_gpu_scaling.json. `--smoke`: tiny CPU run of
 
   PYTHONPATH=$PWD python scripts/bench_gpu_scaling.py --gpus 1,2,4 --repeats 3 --budget 480 \
       --out docs/bench_results/gpu_scaling.json
+
+Engine comparison (issue 13, `--levels 16,64,128`, one GPU): the generate handler's engine defaults against
+the old ones, and against in-process with the same engine, at several concurrency levels. Each level has
+its own engine sizing (engine_config: KV blocks, token budget), as in the scaling runs: with graphs and
+sdpa the engine's speed falls with its cache's size (scripts/diag_cb_padding.py), so one sizing for every
+level would understate the low ones. Per repeat, one fresh server with one pool per level (all on GPU 0,
+driven one at a time) or one process with one engine per level; per level an untimed wave, then `--waves`
+timed waves:
+
+  new         orchestrator, one worker, the handler's defaults (on CUDA: CUDA graphs, async batching,
+              warm-up inside load());
+  old         orchestrator, one worker, the defaults before issue 13 (`use_cuda_graph` and
+              `use_async_batching` false, no warm-up);
+  inproc      the CB manager in a process of its own with the new defaults' switches (graphs, async
+              batching, KV reads padded to 1,024), warmed with `manager.warmup()` and the untimed wave.
+
+Ratios are paired by repeat (median over repeats). Goals: new >= 2.5 x old at 16 and >= 1.8 x at 64;
+new >= 0.98 x in-process at every level. `--parity` first checks, on a small float32 Llama, that the
+new defaults' greedy output equals plain `model.generate` token for token (prompts one at a time, then
+all at once).
+
+  PYTHONPATH=$PWD python scripts/bench_gpu_scaling.py --gpus 1 --levels 16,64,128 --repeats 2 --parity \
+      --out docs/bench_results/gpu_engines.json
 """
 import os
 
@@ -150,6 +173,204 @@ class Bench:
                         "tok_s": out["tokens"] / out["seconds"], "tried": tried}
             print(f"  threads x{n} with {method} failed: {out['errors'][:2]}", flush=True)
         raise RuntimeError(f"threads x{n}: every method failed: {tried}")
+
+
+# ------------------------------------------------------------------------------ engine comparison (issue 13)
+
+OLD_SWITCHES = {"use_cuda_graph": False, "use_async_batching": False}
+NEW_SWITCHES = {"use_cuda_graph": True, "use_async_batching": True}
+NEW_KV_PADDING = 1024  # the generate handler's default with graphs and sdpa (GRAPHED_KV_PADDING)
+PARITY_ARCH = dict(hidden_size=256, num_hidden_layers=4, num_attention_heads=4, num_key_value_heads=2,
+                   intermediate_size=512, vocab_size=1024, max_position_embeddings=1024)
+
+
+class Engines:
+    """The engine comparison: see the module docstring."""
+
+    def __init__(self, bench: Bench, args):
+        self.bench, self.args = bench, args
+        self.cb = {}
+        self.levels = {}
+        for i, c in enumerate(args.levels):
+            prompts = make_prompts(c * (args.waves + 1), args.prompt_len, bench.arch["vocab_size"], seed=100 + i)
+            self.cb[str(c)] = engine_config(c, args.prompt_len, args.new_tokens, args.smoke)
+            self.levels[str(c)] = {"warmup": [prompts[:c]], "timed": split_waves(prompts[c:], c),
+                                   "cb": self.cb[str(c)]}
+
+    def orchestrator(self, engine: str) -> dict:
+        from orchestrator import Client
+
+        a, b = self.args, self.bench
+        pools = {}
+        for name, level in self.levels.items():  # one pool per level, each with that level's engine sizing
+            config = {"model": b.model, "dtype": b.dtype, "capacity": int(name),
+                      "max_new_tokens_cap": max(64, a.new_tokens), "cb": dict(level["cb"])}
+            if engine == "old":
+                config["cb"].update(OLD_SWITCHES)
+                config["warmup"] = False
+            pools[f"gen{name}"] = {"handler": "generate", "devices": b.devices(1), "capacity": int(name),
+                                   "max_restarts": 0, "config": config}
+        cfg = write_pools_toml(os.path.join(b.work, f"engine_{engine}.toml"), pools)
+        out, starts = {}, {}
+        with Serve(["--config", cfg]).start(timeout=a.timeout) as serve, Client(serve.address) as c:
+            for name, level in self.levels.items():
+                orch_waves(c, f"gen{name}", level["warmup"], a.new_tokens, a.timeout)
+                run = orch_waves(c, f"gen{name}", level["timed"], a.new_tokens, a.timeout)
+                out[name] = {"seconds": run["seconds"], "tokens": run["tokens"],
+                             "tok_s": run["tokens"] / run["seconds"]}
+            status = c.status()["pools"]
+        for name in self.levels:
+            info = status[f"gen{name}"]["workers"][0]["info"]
+            starts[name] = {k: info.get(k) for k in ("boot_s", "load_s", "load_phases", "engine", "transformers")}
+        return {"levels": out, "cold_start_s": serve.ready_s, "start": starts}
+
+    def inproc(self) -> dict:
+        a, b = self.args, self.bench
+        env, devices = b.role_env(1)
+        switches = {} if a.smoke else {**NEW_SWITCHES, "kv_padding_interval_size": NEW_KV_PADDING}
+        levels = {k: {**v, "cb": {**v["cb"], **switches}} for k, v in self.levels.items()}
+        spec = {"model": b.model, "dtype": b.dtype, "device": devices[0], "new_tokens": a.new_tokens, "cb": {},
+                "levels": levels, "methods": ["manager"], "engine_warmup": not a.smoke}
+        out = run_role("inproc", spec, env, a.timeout + 60 * len(self.levels))["manager"]
+        return {"levels": {k: {**v, "tok_s": v["tokens"] / v["seconds"]} for k, v in out.items()}}
+
+    def parity(self) -> dict:
+        """The new defaults' greedy output against `model.generate`, on a small float32 model."""
+        from orchestrator import Client
+
+        a, b = self.args, self.bench
+        env, devices = b.role_env(1)
+        path = os.path.join(b.work, "parity")
+        run_role("build", {"device": devices[0], "models": [{"path": path, "arch": TINY if a.smoke else PARITY_ARCH,
+                                                            "seed": 3, "dtype": "float32"}]}, env, a.timeout)
+        vocab = (TINY if a.smoke else PARITY_ARCH)["vocab_size"]
+        import random
+
+        rng = random.Random(7)
+        prompts = [[rng.randrange(2, vocab) for _ in range(rng.randint(4, 80))] for _ in range(24)]
+        n_new = 8 if a.smoke else 48
+        want = run_role("greedy", {"model": path, "dtype": "float32", "device": devices[0], "new_tokens": n_new,
+                                   "prompts": prompts}, env, a.timeout)["outputs"]
+        cfg = write_pools_toml(os.path.join(b.work, "parity.toml"), {"gen": {
+            "handler": "generate", "devices": b.devices(1), "max_restarts": 0,
+            "config": {"model": path, "dtype": "float32", "capacity": 32, "cb": {"num_blocks": 64,
+                                                                                "max_batch_tokens": 2048}}}})
+        with Serve(["--config", cfg]).start(timeout=a.timeout) as serve, Client(serve.address) as c:
+            one = [c.run("gen", {"input_ids": p, "max_new_tokens": n_new}, timeout=a.timeout)["token_ids"]
+                   for p in prompts]
+            handles = [c.submit("gen", {"input_ids": p, "max_new_tokens": n_new}) for p in prompts]
+            together = [h.result(a.timeout)["token_ids"] for h in handles]
+            engine = c.status()["pools"]["gen"]["workers"][0]["info"].get("engine")
+        return {"prompts": len(prompts), "new_tokens": n_new, "engine": engine,
+                "identical_one_at_a_time": sum(x == y for x, y in zip(one, want)),
+                "identical_all_at_once": sum(x == y for x, y in zip(together, want))}
+
+
+def arrival(eng: Engines, level: str, admit_ms: float) -> dict:
+    """One pool of `level` with the new defaults and admit_window_ms; per timed wave: tok/s, and how far
+    apart the jobs reached the worker (received) and entered the engine (first scheduled), from each
+    result's timing (one CLOCK_MONOTONIC for every process of the host)."""
+    from orchestrator import Client
+
+    a, b, lv = eng.args, eng.bench, eng.levels[level]
+    config = {"model": b.model, "dtype": b.dtype, "capacity": int(level), "max_new_tokens_cap": max(64, a.new_tokens),
+              "cb": dict(lv["cb"]), "admit_window_ms": admit_ms}
+    cfg = write_pools_toml(os.path.join(b.work, f"arrival_{admit_ms}.toml"), {"gen": {
+        "handler": "generate", "devices": b.devices(1), "capacity": int(level), "max_restarts": 0, "config": config}})
+    waves = []
+    with Serve(["--config", cfg]).start(timeout=a.timeout) as serve, Client(serve.address) as c:
+        orch_waves(c, "gen", lv["warmup"], a.new_tokens, a.timeout)
+        for wave in lv["timed"]:
+            t0 = time.perf_counter()
+            handles = [c.submit("gen", {"input_ids": p, "max_new_tokens": a.new_tokens}) for p in wave]
+            outs = [h.result(a.timeout) for h in handles]
+            secs = time.perf_counter() - t0
+            rec = [o["timing"]["received"] for o in outs]
+            sch = [o["timing"]["scheduled"] for o in outs if o["timing"]["scheduled"]]
+            waves.append({"tok_s": sum(len(o["token_ids"]) for o in outs) / secs,
+                          "received_spread_ms": (max(rec) - min(rec)) * 1000,
+                          "scheduled_spread_ms": (max(sch) - min(sch)) * 1000 if sch else None,
+                          "submit_to_first_received_ms": (min(rec) - t0) * 1000})
+    del serve
+    return {"level": level, "admit_window_ms": admit_ms, "waves": waves}
+
+
+def engine_plan(eng: Engines, args) -> list:
+    """(kind, name, fn) in run order: per repeat new, old, in-process (alternating which comes first, so that
+    neither always runs on a cooler or warmer machine)."""
+    plan = [("parity", "parity (new defaults vs model.generate)", eng.parity)] if args.parity else []
+    for admit in args.arrival:
+        plan.append(("arrival", f"arrival at {max(args.levels)}, admit window {admit} ms",
+                     lambda w=admit: arrival(eng, str(max(args.levels)), w)))
+    for r in range(args.repeats):
+        order = ["new", "old", "inproc"] if r % 2 == 0 else ["inproc", "old", "new"]
+        for kind in order:
+            name = f"{kind} (repeat {r + 1}/{args.repeats})"
+            fn = eng.inproc if kind == "inproc" else (lambda k=kind: eng.orchestrator(k))
+            plan.append((kind, name, fn))
+    return plan
+
+
+def summarize_engines(res: dict, levels: list) -> tuple[str, dict]:
+    import statistics
+
+    runs = res["engines"]
+    rows, goals = [], {}
+    for c in levels:
+        key = str(c)
+        tok = {k: [r["levels"][key]["tok_s"] for r in runs.get(k, [])] for k in ("new", "old", "inproc")}
+        new_old = [x / y for x, y in zip(tok["new"], tok["old"])]
+        new_in = [x / y for x, y in zip(tok["new"], tok["inproc"])]
+        med = lambda v: statistics.median(v) if v else None  # noqa: E731
+        rows.append([c, *(f"{med(tok[k]):,.0f}" if tok[k] else "" for k in ("new", "old", "inproc")),
+                     _f(med(new_old)), ", ".join(f"{v:.2f}" for v in new_old),
+                     _f(med(new_in)), ", ".join(f"{v:.3f}" for v in new_in),
+                     " / ".join(", ".join(f"{v:,.0f}" for v in tok[k]) for k in ("new", "old", "inproc"))])
+        target = {16: 2.5, 64: 1.8}.get(c)
+        if target and new_old:
+            goals[f"new_vs_old_{c}"] = {"value": med(new_old), "target": f">= {target}",
+                                        "passed": med(new_old) >= target}
+        if new_in:
+            goals[f"new_vs_inproc_{c}"] = {"value": med(new_in), "target": ">= 0.98", "passed": med(new_in) >= 0.98}
+    table = fmt_table(["concurrency", "new tok/s", "old tok/s", "in-proc tok/s", "new/old", "per repeat",
+                       "new/in-proc", "per repeat", "tok/s per repeat (new / old / in-proc)"], rows)
+    lines = [table, ""]
+    for kind in ("new", "old"):
+        for r in runs.get(kind, []):
+            for level, st in r["start"].items():
+                lines.append(f"start {kind} (pool of level {level}, server ready in {r['cold_start_s']:.1f} s): "
+                             f"boot {st['boot_s']} s, load {st['load_s']} s: {st['load_phases']}")
+    for level, st in (runs.get("new") or [{}])[0].get("start", {}).items():
+        lines.append(f"new engine, level {level} (READY info): {st.get('engine')}")
+    if res.get("parity"):
+        pr = res["parity"]
+        lines.append(f"parity: {pr['identical_one_at_a_time']}/{pr['prompts']} identical one at a time, "
+                     f"{pr['identical_all_at_once']}/{pr['prompts']} all at once ({pr['new_tokens']} new tokens)")
+        goals["parity_one_at_a_time"] = {"value": pr["identical_one_at_a_time"] / pr["prompts"], "target": "== 1",
+                                         "passed": pr["identical_one_at_a_time"] == pr["prompts"]}
+    lines += [f"goal {k}: {g['value']:.3f} (target {g['target']}) {'PASS' if g['passed'] else 'MISS'}"
+              for k, g in goals.items()]
+    return "\n".join(lines), goals
+
+
+def run_engines(args, bench: Bench, res: dict, steps: Steps) -> None:
+    eng = Engines(bench, args)
+    res.update(engine=eng.cb, engines={})
+    for kind, name, fn in engine_plan(eng, args):
+        r = steps.run(name, fn)
+        if r is None:
+            continue
+        if kind == "parity":
+            res["parity"] = r
+        elif kind == "arrival":
+            res.setdefault("arrival", []).append(r)
+            for w in r["waves"]:
+                print(f"  -> admit {r['admit_window_ms']} ms: {w['tok_s']:,.0f} tok/s, received spread "
+                      f"{w['received_spread_ms']:.1f} ms, scheduled spread {w['scheduled_spread_ms']} ms", flush=True)
+        else:
+            res["engines"].setdefault(kind, []).append(r)
+            print("  -> " + ", ".join(f"{c}: {v['tok_s']:,.0f} tok/s" for c, v in r["levels"].items()), flush=True)
+        write_json({**res, "errors": steps.errors, "partial": True}, args.out, "bench_gpu_scaling.json")
 
 
 def plan_steps(bench: Bench, args) -> list:
@@ -285,10 +506,16 @@ def main(argv=None) -> int:
                    help="seconds after which no further mode is started (default 330: with --timeout, "
                         "the run ends within about 8 minutes whatever happens)")
     p.add_argument("--smoke", action="store_true", help="tiny CPU run of the plumbing (no GPU)")
+    p.add_argument("--levels", type=lambda v: [int(x) for x in v.split(",")],
+                   help="engine comparison at these concurrency levels (one GPU): see the module docstring")
+    p.add_argument("--parity", action="store_true", help="with --levels: greedy parity check first")
+    p.add_argument("--arrival", type=lambda v: [float(x) for x in v.split(",")], default=[],
+                   help="with --levels: admit windows (ms) to diagnose at the top level: arrival spread per wave")
     p.add_argument("--out", help="JSON results file (also $OUT/bench_gpu_scaling.json)")
     args = p.parse_args(argv)
     if args.smoke:
         args.new_tokens, args.prompt_len, args.concurrency, args.waves = 4, 8, 2, 1
+        args.levels = args.levels and [2, 4]
     args.gpus = sorted(set(args.gpus) | {1})
     if not args.smoke:
         require_gpus(max(args.gpus), "bench_gpu_scaling")
@@ -297,6 +524,16 @@ def main(argv=None) -> int:
     res: dict = {"date": time.strftime("%Y-%m-%d %H:%M:%S"), "command": " ".join(sys.argv), "args": vars(args),
                  "engine": bench.cb, "orchestrator": {}, "threads": {}}
     res["model"] = steps.run("build model", bench.build)
+    if args.levels and res["model"]:
+        run_engines(args, bench, res, steps)
+        table, goals = summarize_engines(res, args.levels)
+        res.update(goals=goals, errors=steps.errors, seconds=round(time.time() - started, 1))
+        print(f"\nbench_gpu_scaling engines  {res['date']}  {'SMOKE (CPU)' if args.smoke else 'GPU'}  "
+              f"{res['seconds']:.0f} s  {args.new_tokens} new tokens  prompt {args.prompt_len}  {args.waves} waves  "
+              f"engine {res['engine']}")
+        print(table)
+        finish(res, steps.errors, args.out, "bench_gpu_scaling.json")
+        return 0 if not steps.errors else 1
     runs: dict = {}  # orchestrator N -> one result per repeat
     for kind, key, name, fn, fargs in plan_steps(bench, args) if res["model"] else []:
         r = steps.run(name, fn, *fargs)

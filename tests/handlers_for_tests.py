@@ -77,6 +77,82 @@ class FailLoadOnSlot0(Handler):
         return {"echo": job.input, "wid": self.ctx.wid}
 
 
+class InitFails(Handler):
+    """The constructor raises (a bug in a handler's __init__): a permanent failure, never restarted."""
+
+    def __init__(self, ctx):
+        super().__init__(ctx)
+        raise TypeError("InitFails.__init__ got an unexpected keyword 'shards'")
+
+
+class NeedsModelDir(Handler):
+    """Checks config "model" as the model handlers do (worker.models.check_model_location), then echoes.
+    A missing directory is a permanent failure; creating it and reloading the pool brings it back."""
+
+    def load(self) -> None:
+        from worker.models import check_model_location
+
+        check_model_location(self.config.get("model"))
+
+    def run(self, job: Job):
+        return {"echo": job.input, "pid": os.getpid()}
+
+
+class CrashOnLoadWhileMarker(Handler):
+    """`load()` ends the process (exit code 9, a native crash) while the file config["marker"] exists:
+    a transient crash loop whose cause the test removes."""
+
+    def load(self) -> None:
+        if os.path.exists(self.config["marker"]):
+            os._exit(9)
+
+    def run(self, job: Job):
+        return {"echo": job.input, "pid": os.getpid()}
+
+
+class GarbageOnce(Handler):
+    """Sends the coordinator a frame it must refuse, once. Input {"garbage": true, "marker": PATH, "go":
+    GO}: on the first attempt (PATH is created atomically, holding this pid) it waits for the file GO, then
+    its result is a msgpack ext type, which the worker's codec packs as is and the coordinator's decoder
+    rejects; later attempts echo. Input
+    {"hang_while": PATH}: waits while PATH holds this process's pid (so a job queued behind the garbage
+    one is still in flight when the worker is ended, and finishes at once on the next incarnation)."""
+
+    capacity = 2
+
+    def run(self, job: Job):
+        import msgpack
+
+        inp = job.input
+        if inp.get("garbage"):
+            if _first_attempt(inp["marker"]):
+                while not os.path.exists(inp["go"]):  # the test first sees its other job in flight here
+                    time.sleep(0.01)
+                return msgpack.ExtType(42, b"\xff not a message")
+            return {"echo": inp, "first_attempt": False, "pid": os.getpid()}
+        while inp.get("hang_while") and _holds_pid(inp["hang_while"]) and not job.cancelled:
+            time.sleep(0.01)
+        return {"echo": inp, "pid": os.getpid()}
+
+
+def _first_attempt(marker: str) -> bool:
+    try:
+        fd = os.open(marker, os.O_CREAT | os.O_EXCL | os.O_WRONLY)
+    except FileExistsError:
+        return False
+    os.write(fd, str(os.getpid()).encode())
+    os.close(fd)
+    return True
+
+
+def _holds_pid(path: str) -> bool:
+    try:
+        with open(path) as f:
+            return f.read() == str(os.getpid())
+    except FileNotFoundError:
+        return False
+
+
 class HoldUntilFile(Handler):
     """Holds each job until the file named in its input ({"until": path}) exists, and ignores cancel,
     as a handler in a step it cannot interrupt: a cancelled job keeps its credit until it answers."""

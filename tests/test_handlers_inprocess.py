@@ -158,6 +158,37 @@ def test_greedy_matches_generate_token_for_token(gen, reference):
     assert not handler.busy()
 
 
+def test_warmed_engine_reports_its_config_and_keeps_greedy_parity(tiny_llama, reference):
+    """warmup=true runs the warm-up bursts on CPU too (by default only CUDA warms): they must end before
+    load() returns, leave nothing behind, be reported in the READY info, and change no output. On CPU the
+    engine switches stay off (async batching needs CUDA)."""
+    collector = Collector()
+    config = {"model": tiny_llama, "max_new_tokens_cap": CAP, "capacity": 5, "warmup": {"prompt_tokens": 8}}
+    handler = GenerateHandler(make_ctx(config, collector.sink))
+    handler.load()
+    try:
+        info = handler.info()
+        engine = info["engine"]
+        assert engine["warmup"]["bursts"] == [1, 2, 4, 5] and engine["warmup"]["prompt_tokens"] == 8
+        assert engine["attention"] == "sdpa" and engine["capacity"] == 5
+        assert not engine["async_batching"] and not any(engine["cuda_graph"] or [])
+        assert "warmup_s" in info["load_phases"] and "imports_s" in info["load_phases"]
+        assert not handler.busy() and collector.sink.drain() == []  # warm-up outputs are not job events
+        inputs = PARITY_INPUTS[:4]
+        results = run_jobs(handler, collector, [new_job(inp) for inp in inputs])
+        for inp, res in zip(inputs, results):
+            assert res["token_ids"] == greedy_reference(reference, prompt_ids(reference, inp), inp["max_new_tokens"])
+    finally:
+        handler.close()
+
+
+def test_default_cpu_engine_is_not_warmed_and_runs_without_graphs(gen):
+    handler, _ = gen
+    engine = handler.info()["engine"]
+    assert "bursts" not in engine["warmup"] and "warmup_s" not in handler.info()["load_phases"]
+    assert not engine["async_batching"] and not any(engine["cuda_graph"] or [])
+
+
 def test_stream_chunks_add_up_to_the_result(gen):
     handler, collector = gen
     inp = {"prompt": "streaming works one token at a time", "max_new_tokens": 40}

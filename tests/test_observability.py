@@ -120,7 +120,7 @@ def slots_in(states: list) -> Pool:
     ([WS.READY, WS.FAILED], "degraded"),
     ([WS.READY, WS.LOADING], "degraded"),
     ([WS.DEAD, WS.RESTARTING], "unavailable"),
-    ([WS.FAILED], "unavailable"),
+    ([WS.FAILED], "failed"),
     ([WS.DRAINING], "unavailable"),
 ])
 def test_pool_health_follows_slot_states(states, expected):

@@ -362,6 +362,51 @@ def test_fuzz_mutated_valid_messages(raw, data):
     _decode_is_total(_mutate(raw, data))
 
 
+# ---------------------------------------------------------------------------- issue 15: conformance details
+
+
+def test_nil_optional_fields_mean_their_default_and_replies_always_carry_their_fields():
+    from protocol.messages import Chunk, Ok, Result, Stop, Submit
+
+    codec = Codec()
+    raw = msgpack.packb({"v": 1, "op": "submit", "id": 1, "pool": "p", "stream": None, "timeout": None,
+                         "retries": None, "input": None})
+    assert codec.decode(raw) == Submit(1, "p", None, False, None, None)
+    assert codec.decode(msgpack.packb({"v": 1, "op": "stop", "id": 2, "reason": None, "drain": None})) == \
+        Stop(2, "client requested stop", True)
+    with pytest.raises(BadField):  # a required field stays required: nil is not a pool name
+        codec.decode(msgpack.packb({"v": 1, "op": "submit", "id": 3, "pool": None}))
+    assert msgpack.unpackb(codec.encode(Result(1, None, None))) == \
+        {"v": 1, "op": "result", "id": 1, "output": None, "meta": None}
+    assert msgpack.unpackb(codec.encode(Chunk(1, 0))) == \
+        {"v": 1, "op": "chunk", "id": 1, "seq": 0, "data": None}
+    assert msgpack.unpackb(codec.encode(Ok(1))) == {"v": 1, "op": "ok", "id": 1, "data": None}
+
+
+def test_client_codec_answers_unknown_op_for_replies_and_worker_ops():
+    from protocol.messages import CLIENT_REQUEST_OPS
+
+    codec = Codec(accept=CLIENT_REQUEST_OPS)
+    for op, extra in (("w_run", {"jid": 1}), ("result", {}), ("w_fatal", {})):
+        with pytest.raises(UnknownOp) as e:
+            codec.decode(msgpack.packb({"v": 1, "op": op, "id": 9, **extra}))
+        assert e.value.request_id == 9 and "not a client request" in e.value.message
+    assert Codec().decode(msgpack.packb({"v": 1, "op": "w_cancel", "jid": 1})).OP == "w_cancel"
+
+
+@pytest.mark.parametrize("body, code", [
+    ({"v": 1, "op": "submit", "id": "x", "pool": "p", "input": msgpack.ExtType(1, b"z")}, "bad_request"),
+    ({"v": 1, "op": "submit", "id": "x", "pool": "p", "input": {1: "a"}}, "bad_request"),
+    ({"v": 1, "op": "submit", "pool": "p", 2: 3, "id": "x"}, "bad_request"),
+    ({"v": 1, "op": "submit", "id": "x", "pool": "p", "input": "s" * 100}, "too_large"),
+])
+def test_error_keeps_the_id_whenever_it_can_be_read(body, code):
+    codec = Codec(Limits(max_str_len=50))
+    with pytest.raises(ProtocolError) as e:
+        codec.decode(msgpack.packb(body, use_bin_type=True, strict_types=False))
+    assert (e.value.code, e.value.request_id) == (code, "x")
+
+
 # ----------------------------------------------------------------------------- the worker contract
 
 

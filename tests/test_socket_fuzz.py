@@ -466,7 +466,7 @@ def test_coordinator_memory_per_job_does_not_depend_on_what_input_holds(serve):
 def test_an_input_the_worker_cannot_decode_fails_that_job_alone(serve):
     """The worker decodes `input` under the client limits: a bad one gets its code for that job only; the
     same worker process goes on serving (no restart). Nesting past msgpack's depth limit cannot even be
-    skipped: the coordinator refuses that message whole (bad_request, null id), as before."""
+    skipped: the coordinator refuses that message whole (bad_request), with its id, which was readable."""
     s = serve(SERVER_ARGS, timeout=TIMEOUT)
     pids = s.worker_pids()
     ctx = zmq.Context()
@@ -494,6 +494,6 @@ def test_an_input_the_worker_cannot_decode_fails_that_job_alone(serve):
     for rid, (what, (_inner, code)) in enumerate(cases.items(), 1):
         assert (replies[rid]["op"], replies[rid]["code"]) == ("error", code), (what, replies[rid])
         assert replies[rid]["message"].startswith("input: "), replies[rid]
-    assert (replies[None]["op"], replies[None]["code"]) == ("error", "bad_request"), replies[None]
+    assert (replies[99]["op"], replies[99]["code"]) == ("error", "bad_request"), replies[99]
     assert replies[100]["op"] == "result" and replies[100]["output"] == [1, "two"]
     assert s.worker_pids() == pids and s.workers("echo")[0]["restarts"] == 0

@@ -27,7 +27,7 @@ from __future__ import annotations
 import dataclasses
 import os
 
-from protocol.errors import INVALID_INPUT, JobError
+from protocol.errors import INVALID_INPUT, ConfigError, JobError
 from worker.handler import Handler, Job
 from worker.handlers.generate import GenerateHandler
 
@@ -41,7 +41,7 @@ class AllReduceHandler(Handler):
         super().__init__(ctx)
         unknown = sorted(set(self.config) - CONFIG_KEYS)
         if unknown:
-            raise ValueError(f"tp_allreduce: unknown config keys {unknown}; allowed: {sorted(CONFIG_KEYS)}")
+            raise ConfigError(f"tp_allreduce: unknown config keys {unknown}; allowed: {sorted(CONFIG_KEYS)}")
         self.max_batch = int(self.config.get("max_batch", 8))
         self.mismatch_on = self.config.get("mismatch_on")
         self.mismatch_rank = int(self.config.get("mismatch_rank", 1))

@@ -3,8 +3,8 @@ about to do, or every one of them fails fast, naming the rank that differs.
 
 Why: a rank that finds no batch and `continue`s while the others enter a forward holding NCCL collectives
 deadlocks the whole group, silently and forever (TensorRT-LLM #14986, sglang#34582, vllm#6370). So before each
-such step every rank all-gathers a small fingerprint of its step over a gloo CPU group with its own short
-timeout, and compares:
+such step every rank exchanges a small fingerprint of its step with the others, with its own short timeout,
+and compares:
 
 - all equal: the step runs;
 - all "no batch": every rank skips the step together ("no batch" is a fingerprint too, never a silent skip);
@@ -12,8 +12,10 @@ timeout, and compares:
 - a rank that never arrives (dead, stopped, stuck in its own code): the exchange times out and the ranks
   that did arrive raise, instead of hanging.
 
-Cost: the fast path is one all-gather of six int64s per rank. The readable fingerprints are exchanged only
-after a mismatch, to build the error.
+Transport: ranks of one host write six int64s into a shared-memory segment and read each other's
+(worker/shm_guard.py: a few µs per step); across hosts, or when no segment can be made, one all_gather of
+a fixed int64 tensor over a gloo CPU group (hundreds of µs). No pickle on either path, the error path
+included: the readable fingerprints, exchanged only after a mismatch, are fixed-size bytes.
 
 This module imports torch only inside the functions that need it: the worker runtime imports `GroupError`
 from here, and an echo worker must not pay for torch.
@@ -122,12 +124,63 @@ def compare(rows: list) -> tuple[str, list]:
     return "mismatch", [rank for rank, k in enumerate(keys) if k != reference]
 
 
-class CollectiveGuard:
-    """One rank's guard over a gloo CPU group. Construct it once the group exists; call `check` before every
-    step with collectives, from one thread at a time, in the same order on every rank."""
+class GlooTransport:
+    """Fingerprints over the guard's gloo group: one all_gather of a fixed int64 tensor per step (no pickle);
+    after a mismatch, the readable fingerprints as fixed-size byte tensors. Works across hosts."""
 
-    def __init__(self, group, rank: int, world_size: int, timeout: float):
+    kind = "gloo"
+
+    def __init__(self, group, world_size: int):
+        self.group, self.world_size = group, world_size
+
+    def exchange(self, step: int, row_: list, timeout: float) -> list:
+        import torch
+
+        return [t.tolist() for t in self._all_gather(torch.tensor(row_, dtype=torch.int64))]
+
+    def exchange_text(self, step: int, text: str, timeout: float) -> list:
+        import torch
+
+        data = text.encode()[:TEXT_BYTES]
+        mine = torch.zeros(TEXT_BYTES + 8, dtype=torch.uint8)
+        mine[:8] = torch.tensor(list(len(data).to_bytes(8, "little")), dtype=torch.uint8)
+        mine[8:8 + len(data)] = torch.tensor(list(data), dtype=torch.uint8)
+        texts = []
+        for t in self._all_gather(mine):
+            raw = bytes(t.tolist())
+            texts.append(raw[8:8 + int.from_bytes(raw[:8], "little")].decode(errors="replace"))
+        return texts
+
+    def _all_gather(self, mine) -> list:
+        import torch.distributed as dist
+
+        out = [mine.new_empty(mine.shape) for _ in range(self.world_size)]
+        dist.all_gather(out, mine, group=self.group)
+        return out
+
+    def close(self) -> None:
+        pass
+
+
+TEXT_BYTES = 1024  # a readable fingerprint is cut to this many bytes (error path only)
+TRANSPORTS = ("auto", "shm", "gloo")
+
+
+class CollectiveGuard:
+    """One rank's guard. Construct it once the gloo guard group exists; call `check` before every step with
+    collectives, from one thread at a time, in the same order on every rank.
+
+    Transport: ranks that share a host exchange fingerprints through shared memory (worker/shm_guard.py, a
+    few µs); otherwise, or when the segment cannot be made, over gloo (one int64 all_gather, hundreds of µs).
+    `transport` forces one ("auto" decides). The choice is itself collective, so it is made at the first
+    `check`, which every rank reaches in the same order, and not in this (cheap) constructor."""
+
+    def __init__(self, group, rank: int, world_size: int, timeout: float, transport: str = "auto"):
+        if transport not in TRANSPORTS:
+            raise ValueError(f"guard transport must be one of {TRANSPORTS}, not {transport!r}")
         self.group, self.rank, self.world_size, self.timeout = group, rank, world_size, timeout
+        self.wanted = transport
+        self.transport = None  # GlooTransport | ShmExchange, set by the first check
         self.step = 0
         self.cost = CostMeter()
         self._lock = threading.Lock()  # one exchange at a time, even if two threads reach the guard
@@ -136,6 +189,8 @@ class CollectiveGuard:
         """True: run the step. False: every rank has no batch, so all skip it together.
         Raises CollectiveMismatch when the ranks disagree or one does not arrive within the timeout."""
         with self._lock:
+            if self.transport is None:
+                self.transport = self._open()
             start = time.perf_counter_ns()
             self.step += 1
             rows = self._exchange(self.step, batch)
@@ -145,17 +200,77 @@ class CollectiveGuard:
                 raise self._mismatch(self.step, batch, rows, differing)
             return verdict == "run"
 
-    def _exchange(self, step: int, batch: Batch | None) -> list:
-        import torch
-        import torch.distributed as dist
+    # ------------------------------------------------------------------ transport choice (collective)
 
-        mine = torch.tensor(row(step, batch), dtype=torch.int64)
-        out = [torch.empty_like(mine) for _ in range(self.world_size)]
+    def _open(self):
+        """Pick the transport with every rank: a handshake of fixed int64 all_gathers over gloo.
+
+        1. every rank sends its host key and rank 0 a random token (the segment's name);
+        2. on one host, rank 0 creates the segment; all_gather of "created";
+        3. the others map it; all_gather of "mapped";
+        4. if every rank mapped it, rank 0 unlinks the name and shm is used; otherwise everyone uses gloo."""
+        gloo = GlooTransport(self.group, self.world_size)
+        if self.wanted == "gloo" or self.world_size == 1:
+            return gloo
         try:
-            dist.all_gather(out, mine, group=self.group)
+            return self._open_shm(gloo)
+        except RuntimeError as e:  # a peer lost during the handshake: the same error a step would raise
+            raise self._lost(0, None, e) from None
+
+    def _open_shm(self, gloo: GlooTransport):
+        import secrets
+
+        from worker.shm_guard import ShmExchange
+
+        token = secrets.randbits(62) if self.rank == 0 else 0
+        rows = gloo.exchange(0, [host_key(), token], self.timeout)
+        token = rows[0][1]
+        if len({r[0] for r in rows}) != 1:
+            if self.wanted == "shm":
+                raise GroupError("guard transport 'shm' needs every rank on one host", "load_failed")
+            return gloo
+        shm, ok = None, 1
+        if self.rank == 0:
+            shm, ok = _try(ShmExchange.create, token, self.rank, self.world_size)
+        created = gloo.exchange(0, [ok], self.timeout)[0][0]
+        if self.rank != 0 and created:
+            shm, ok = _try(ShmExchange.attach, token, self.rank, self.world_size)
+        mapped = all(r[0] for r in gloo.exchange(0, [ok], self.timeout))
+        if shm is not None and self.rank == 0:
+            shm.unlink()  # every rank has mapped it (or given up): no name is left to leak
+        if mapped:
+            log.info("rank %d: collective guard over shared memory (%s)", self.rank, shm.name)
+            return shm
+        if shm is not None:
+            shm.close()
+        if self.wanted == "shm":
+            raise GroupError("guard transport 'shm': a rank could not map the segment", "load_failed")
+        log.warning("rank %d: collective guard falls back to gloo: a rank could not map the segment", self.rank)
+        return gloo
+
+    # ------------------------------------------------------------------ one step
+
+    def _exchange(self, step: int, batch: Batch | None) -> list:
+        from worker.shm_guard import Missing
+
+        try:
+            return self.transport.exchange(step, row(step, batch), self.timeout)
+        except Missing as e:
+            raise self._missing(step, batch, e) from None
         except RuntimeError as e:
             raise self._lost(step, batch, e) from None
-        return [t.tolist() for t in out]
+
+    def _missing(self, step: int, batch: Batch | None, exc) -> GroupError:
+        """The shared-memory wait ended without some ranks: dead (found at once) or absent past the timeout."""
+        fps = [describe(step, batch) if r == self.rank else None for r in range(self.world_size)]
+        if exc.dead:
+            msg = (f"collective guard step {step}: lost a peer: {exc} exited before the step; "
+                   f"rank {self.rank}: {describe(step, batch)}")
+        else:
+            msg = (f"collective guard step {step}: rank {self.rank} waited {self.timeout:g} s and {exc} did not "
+                   f"all arrive (dead, stopped or stuck); rank {self.rank}: {describe(step, batch)}")
+        log.error("%s", msg)
+        return CollectiveMismatch(msg, step, fps, list(exc.missing))
 
     def _lost(self, step: int, batch: Batch | None, exc: Exception) -> GroupError:
         others = [r for r in range(self.world_size) if r != self.rank]
@@ -182,18 +297,42 @@ class CollectiveGuard:
         return CollectiveMismatch(msg, step, fps, differing)
 
     def _readable(self, step: int, batch: Batch | None, rows: list) -> list:
-        """Every rank's fingerprint as text: a second exchange, only on the error path."""
-        import torch.distributed as dist
-
-        fps = [None] * self.world_size
+        """Every rank's fingerprint as text: a second exchange (fixed-size bytes), only on the error path.
+        A rank that left meanwhile is shown by the row it sent."""
         try:
-            dist.all_gather_object(fps, describe(step, batch), group=self.group)
-        except RuntimeError:  # a rank left meanwhile: the rows still say what each rank sent
-            fps = [f"row={r}" for r in rows]
-        return fps
+            fps = self.transport.exchange_text(step, describe(step, batch), min(self.timeout, 2.0))
+        except RuntimeError:
+            fps = [None] * self.world_size
+        return [fp if fp is not None else f"row={r}" for fp, r in zip(fps, rows)]
 
     def stats(self) -> dict:
-        return {"steps": self.step, **self.cost.summary()}
+        return {"steps": self.step, "transport": None if self.transport is None else self.transport.kind,
+                **self.cost.summary()}
+
+    def close(self) -> None:
+        if self.transport is not None:
+            self.transport.close()
+
+
+def host_key() -> int:
+    """The same on every process of this host (boot id and hostname), different across hosts."""
+    try:
+        with open("/proc/sys/kernel/random/boot_id") as f:
+            boot = f.read().strip()
+    except OSError:
+        boot = ""
+    import socket
+
+    return stable_hash((boot, socket.gethostname()))
+
+
+def _try(fn, *args) -> tuple:
+    """(result, 1) or (None, 0) when the segment cannot be made or mapped here (no /dev/shm, no space)."""
+    try:
+        return fn(*args), 1
+    except OSError as e:
+        log.warning("guard segment: %s", e)
+        return None, 0
 
 
 class CostMeter:

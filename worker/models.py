@@ -11,6 +11,9 @@ from __future__ import annotations
 
 import json
 import os
+import re
+
+from protocol.errors import MODEL_NOT_FOUND, ConfigError, WorkerFailure
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")  # the bundled models load offline; never reach the hub
 
@@ -24,7 +27,8 @@ TINY_LLAMA = dict(hidden_size=64, num_hidden_layers=2, num_attention_heads=4, nu
 
 def torch_dtype(name, device: str, who: str):
     """A pool config's "dtype" as a torch dtype. "auto" is float32 on CPU (bf16/fp16 CPU kernels are slow
-    or missing) and the checkpoint's own dtype on GPU; an unknown name raises ValueError naming `who`."""
+    or missing) and the checkpoint's own dtype on GPU; an unknown name raises ConfigError (permanent) naming
+    `who`."""
     import torch
 
     name = name or "auto"
@@ -32,8 +36,41 @@ def torch_dtype(name, device: str, who: str):
         return torch.float32 if device == "cpu" else "auto"
     dtype = getattr(torch, str(name), None)
     if not isinstance(dtype, torch.dtype):
-        raise ValueError(f"{who} handler: unknown dtype {name!r}")
+        raise ConfigError(f"{who} handler: unknown dtype {name!r}")
     return dtype
+
+
+# The hub's repo id rules (huggingface_hub's validate_repo_id): "name" or "namespace/name", word characters,
+# "-" and "." only, at most 96 characters a part, no "--" or "..", not ending in ".git". Anything else can
+# only have been meant as a local path.
+_HUB_PART = r"[A-Za-z0-9_](?:[\w.-]{0,94}[A-Za-z0-9_])?"
+_HUB_ID = re.compile(rf"^(?:{_HUB_PART}/)?{_HUB_PART}$")
+
+
+def is_hub_id(name: str) -> bool:
+    """Whether `name` has the form of a hub repo id.
+
+    >>> is_hub_id("gpt2"), is_hub_id("meta-llama/Llama-3.1-8B"), is_hub_id("/nonexistent/model")
+    (True, True, False)
+    >>> is_hub_id("./model"), is_hub_id("a/b/c"), is_hub_id("bad--name"), is_hub_id("x.git")
+    (False, False, False, False)
+    """
+    return bool(_HUB_ID.match(name)) and "--" not in name and ".." not in name \
+        and not name.endswith(".git")
+
+
+def check_model_location(model) -> None:
+    """Raise a permanent WorkerFailure (`model_not_found`) unless `model` is an existing local directory
+    or has the form of a hub id. Runs before transformers is imported, so a typo in a path fails in
+    milliseconds with a message that names it, instead of as the hub library's repo-id error after
+    seconds of imports. (A well-formed hub id that is not reachable fails later, as a transient error.)"""
+    if not isinstance(model, str) or not model:
+        raise WorkerFailure(MODEL_NOT_FOUND, f"model {model!r} not found: give a local directory or a hub id")
+    if os.path.isdir(os.path.expanduser(model)):
+        return
+    if not is_hub_id(model):
+        raise WorkerFailure(MODEL_NOT_FOUND,
+                            f"model {model!r} not found: not a local directory, and not a hub id")
 
 
 def minilm_path() -> str:

@@ -13,18 +13,24 @@ import sys
 
 import zmq
 
-from protocol import Codec, curve
-from protocol.errors import HANDLER_ERROR, LOAD_FAILED
+from protocol import Codec, JobError, curve
+from protocol.errors import HANDLER_INIT_FAILED, LOAD_FAILED, UNKNOWN_HANDLER, WorkerFailure
 from protocol.messages import WFatal
-from protocol.workerspec import WorkerSpec
+from protocol.workerspec import DATA, WorkerSpec
 from worker.control import ControlState, ControlThread
 from worker.handler import EventSink, Progress, WorkerContext
 from worker.handlers import resolve
-from worker.runtime import ComputeLoop, Wakeup, outcome_error
+from worker.guard import GroupError
+from worker.runtime import ComputeLoop, Wakeup, outcome_error, short_traceback
 from worker.stats import device_stats
 from worker.transfers import make_transfers
 
 log = logging.getLogger("worker")
+
+EXIT_FATAL = 4  # a worker-level failure was reported (see _fatal)
+# After reporting a fatal failure the worker waits this long for the coordinator to kill it, so that its
+# report is always read before its exit is seen (an exit first would hide the reason behind "exit code 4").
+FATAL_WAIT_S = 10.0
 
 
 def rank_device(spec: WorkerSpec) -> str:
@@ -72,9 +78,9 @@ def serve(spec: WorkerSpec) -> int:
     loop = None
     try:
         try:
-            loop = ComputeLoop(zctx, spec, resolve(spec.handler)(ctx), state, wakeup)
-        except Exception as e:  # the handler's class could not be found or built
-            return _fatal(zctx, None, spec, e)
+            loop = ComputeLoop(zctx, spec, _handler(spec, ctx), state, wakeup)
+        except WorkerFailure as e:  # the loop (and its data socket) never existed
+            return _fatal(zctx, None, spec, state, e)
         return _serve_loop(loop, spec, state)
     finally:
         # Close everything, then term() the context: it waits out the sockets' linger, so the last
@@ -89,11 +95,25 @@ def serve(spec: WorkerSpec) -> int:
             zctx.term()
 
 
+def _handler(spec: WorkerSpec, ctx: WorkerContext):
+    """The pool's handler, built; a failure here is permanent (it would recur on every restart)."""
+    try:
+        cls = resolve(spec.handler)
+    except Exception as e:  # an unknown name, a module that does not import, a missing class
+        raise WorkerFailure(UNKNOWN_HANDLER, f"handler {spec.handler!r}: {type(e).__name__}: {e}") from e
+    try:
+        return cls(ctx)
+    except WorkerFailure:
+        raise
+    except Exception as e:  # a bug or a bad value in the handler's __init__: the same on every attempt
+        raise WorkerFailure(HANDLER_INIT_FAILED, f"{spec.handler}: {type(e).__name__}: {e}") from e
+
+
 def _serve_loop(loop: ComputeLoop, spec: WorkerSpec, state: ControlState) -> int:
     try:
         loop.start()
     except Exception as e:
-        return _fatal(loop.zctx, loop.sock, spec, e)
+        return _fatal(loop.zctx, loop.sock, spec, state, e, loading=True)
     log.info("ready: handler=%s devices=%s", spec.handler, spec.devices)
     try:
         if loop.group is not None and spec.rank > 0:
@@ -101,21 +121,42 @@ def _serve_loop(loop: ComputeLoop, spec: WorkerSpec, state: ControlState) -> int
         else:
             loop.run()
     except Exception as e:
-        return _fatal(loop.zctx, loop.sock, spec, e)
+        return _fatal(loop.zctx, loop.sock, spec, state, e)
     log.info("stopped: %s", state.stop_reason)
     return 0
 
 
-def _fatal(zctx: zmq.Context, sock, spec: WorkerSpec, exc: Exception) -> int:
-    """Report a worker-level failure (load error, collective mismatch) and exit non-zero."""
-    code, message = outcome_error(exc)
-    code = getattr(exc, "code", None) or (LOAD_FAILED if code == HANDLER_ERROR else code)
-    log.error("fatal: %s", message)
-    if sock is None:  # failed before the data socket existed: a throwaway socket still reaches home
+def fatal_report(exc: BaseException, loading: bool = False) -> tuple[str, str]:
+    """(code, one-line reason) for a worker-level failure. A WorkerFailure carries its own code; any
+    other exception while loading is `load_failed` (transient); later, a GroupError's code or
+    `handler_error`."""
+    if isinstance(exc, WorkerFailure):
+        return exc.code, exc.message
+    code, _ = outcome_error(exc)
+    if loading and not isinstance(exc, GroupError):
+        code = LOAD_FAILED
+    message = exc.message if isinstance(exc, JobError) else f"{type(exc).__name__}: {exc}"
+    return code, message
+
+
+def _fatal(zctx: zmq.Context, sock, spec: WorkerSpec, state: ControlState, exc: Exception,
+           loading: bool = False) -> int:
+    """Report a worker-level failure (load error, collective mismatch) and wait to be killed.
+
+    The report carries the one-line reason the coordinator shows in status and health, and the traceback
+    (none for a WorkerFailure raised on purpose: its message says it all). The coordinator logs a
+    traceback once, not again when the next attempt fails the same way; so this log line has none."""
+    code, message = fatal_report(exc, loading)
+    cause = exc.__cause__ if isinstance(exc, WorkerFailure) else exc
+    details = {"traceback": short_traceback(cause, limit=12)} if cause is not None else None
+    log.error("fatal: %s: %s", code, message)
+    if sock is None:  # failed before the data socket existed: one with the data socket's routing id
         sock = zctx.socket(zmq.DEALER)
+        sock.setsockopt(zmq.ROUTING_ID, spec.routing_id(DATA))
         curve.apply_client(sock, spec.curve_keys())
         sock.connect(spec.endpoint)
-    sock.send(Codec().encode(WFatal(spec.wid, spec.incarnation, code, message[-4000:])))
+    sock.send(Codec().encode(WFatal(spec.wid, spec.incarnation, code, message[-4000:], details)))
     sock.close(linger=1000)  # the context's term() waits up to 1 s for the reason to be delivered
     sys.stderr.flush()
-    return 4
+    state.stop_event.wait(FATAL_WAIT_S)  # normally the coordinator's kill ends us here
+    return EXIT_FATAL

