@@ -55,6 +55,12 @@ def add_serve(sub) -> None:
     p.add_argument("--drain-timeout", type=float)
     p.add_argument("--metrics-port", type=int,
                    help="serve Prometheus metrics on this port (0: a free port, printed as `metrics: URL`)")
+    p.add_argument("--http-port", type=int, help="serve the OpenAI-compatible HTTP API on this port "
+                                                 "(0: a free port, printed as `http: URL`)")
+    p.add_argument("--http-host", help="HTTP bind host (default 127.0.0.1; any other needs --api-key-file "
+                                       "or --insecure)")
+    p.add_argument("--api-key-file", help="HTTP API keys, one per line, checked as `Authorization: Bearer KEY`")
+    p.add_argument("--http-job-timeout", type=float, help="seconds each HTTP request's job may run")
     p.add_argument("--log-format", choices=["text", "json"])
     p.add_argument("--log-level")
     p.add_argument("--insecure", action="store_true", help="allow a non-loopback bind without CURVE")
@@ -85,6 +91,8 @@ _SERVER_FLAGS = {"address": "address", "hb_interval": "hb_interval", "hb_timeout
                  "curve_secret_key": "curve_secret_key", "authorized_keys": "authorized_keys",
                  "max_pending_per_client": "max_pending_per_client", "max_queued": "max_queued_total",
                  "ray": "ray", "worker_address": "worker_address", "placement_timeout": "placement_timeout"}
+_HTTP_FLAGS = {"http_port": "port", "http_host": "host", "api_key_file": "api_key_file",
+               "http_job_timeout": "job_timeout"}
 _POOL_FLAGS = ("devices", "tp", "replicas", "workers_per_device", "capacity", "retries", "step_budget",
                "max_restarts", "restart_window")
 
@@ -95,6 +103,11 @@ def build_config(args) -> ServerConfig:
     for flag, attr in _SERVER_FLAGS.items():
         if getattr(args, flag) is not None:
             setattr(cfg, attr, getattr(args, flag))
+    for flag, attr in _HTTP_FLAGS.items():
+        if getattr(args, flag) is not None:
+            setattr(cfg.http, attr, getattr(args, flag))
+    if cfg.http.port is not None and cfg.metrics_port is None:
+        cfg.metrics_port = 0  # the gateway's GET /metrics proxies the coordinator's registry (loopback)
     cfg.insecure = cfg.insecure or args.insecure
     cfg.kill_stale = cfg.kill_stale or args.kill_stale
     cfg.keep_going = cfg.keep_going or args.keep_going
@@ -151,6 +164,8 @@ def cmd_serve(args) -> int:
               f"devices={','.join(pool.device_set.ids)}", flush=True)
     if coord.metrics.url:
         print(f"metrics: {coord.metrics.url}", flush=True)
+    if coord.gateway is not None:
+        print(f"http: {coord.gateway.url}", flush=True)
     try:
         return coord.run()
     finally:

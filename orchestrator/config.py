@@ -49,6 +49,16 @@ class PoolConfig:
 
 
 @dataclass
+class HttpConfig:
+    """The OpenAI-compatible HTTP gateway (README, "HTTP"): off unless a port is given."""
+
+    port: int | None = None  # None: no gateway; 0: a free port (serve prints `http: URL`)
+    host: str = "127.0.0.1"  # a non-loopback host needs api_key_file, or [server] insecure
+    api_key_file: str | None = None  # one accepted key per non-empty line, sent as `Authorization: Bearer KEY`
+    job_timeout: float | None = None  # seconds each HTTP request's job may run (its `timeout`); None: no limit
+
+
+@dataclass
 class ServerConfig:
     address: str = DEFAULT_ADDRESS
     pools: list = field(default_factory=list)
@@ -71,6 +81,7 @@ class ServerConfig:
     kill_stale: bool = False
     # At startup, serve the pools that loaded even if another failed (else: stop everything, exit 2).
     keep_going: bool = False
+    http: HttpConfig = field(default_factory=HttpConfig)
     # [cluster]: Ray mode. `ray` is "auto" (a running cluster, or RAY_ADDRESS) or HOST:PORT; None: local.
     ray: str | None = None
     worker_address: str | None = None  # Ray mode: the worker socket's bind host (default: our Ray address)
@@ -93,7 +104,7 @@ def load_toml(path: str) -> ServerConfig:
     [pools.NAME] table each."""
     with open(path, "rb") as f:
         data = tomllib.load(f)
-    unknown = set(data) - {"server", "limits", "pools", "cluster"}
+    unknown = set(data) - {"server", "limits", "pools", "cluster", "http"}
     if unknown:
         raise ValueError(f"{path}: unknown table(s) {sorted(unknown)}")
     server = dict(data.get("server", {}))
@@ -106,6 +117,7 @@ def load_toml(path: str) -> ServerConfig:
     pools = [_build(PoolConfig, {"name": name, **body}, f"{path} [pools.{name}]")
              for name, body in data.get("pools", {}).items()]
     server["pools"] = pools
+    server["http"] = _build(HttpConfig, data.get("http", {}), f"{path} [http]")
     return _build(ServerConfig, server, f"{path} [server]")
 
 
@@ -130,6 +142,9 @@ def validate(cfg: ServerConfig) -> None:
             raise ValueError(f"pool {p.name}: max_restarts >= 0 and restart_window > 0 are required")
         if not p.guard_timeout > 0:
             raise ValueError(f"pool {p.name}: guard_timeout must be > 0 seconds, got {p.guard_timeout!r}")
+    from .http.settings import check_http  # no web framework imported: only the bind and key rules
+
+    check_http(cfg)
     _validate_cluster(cfg)
 
 

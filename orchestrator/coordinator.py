@@ -26,6 +26,7 @@ from .config import ServerConfig, validate
 from .dispatch import Dispatcher
 from .eventloop import EventLoop, Outbox, Signals, send_frames
 from .fleet import Fleet
+from .http.supervise import Gateway  # [http gateway hook] no web framework: that lives in the gateway process
 from .local_launcher import LocalLauncher
 from .metrics import make_metrics
 from .pools import Pool
@@ -73,6 +74,7 @@ class Coordinator:
         self.startup_failures: dict[str, str] = {}
         self.exit_code = 0
         self._next_reconcile = 0.0
+        self.gateway = Gateway(cfg) if cfg.http.port is not None else None  # [http gateway hook]
 
     # ------------------------------------------------------------------ start
 
@@ -98,6 +100,9 @@ class Coordinator:
         cluster.reserve(self.cfg, self.launcher, self.pools)  # Ray: every first slot placed, or ValueError
         self.fleet.start()
         self.metrics.start(self.snapshot)
+        if self.gateway is not None:  # [http gateway hook] a ZMQ client of ours, in its own process
+            self.gateway.start(self.loop, self.endpoint, {p.name: p.cfg.handler for p in self.pools.values()},
+                               self.metrics.url)
         return self.endpoint
 
     def _wire(self) -> None:
@@ -186,9 +191,13 @@ class Coordinator:
         if self.state == CS.STOPPING and self.fleet.stopped():
             move(self, CS.STOPPED, COORDINATOR_TRANSITIONS)
         self.metrics.tick(self.snapshot, now)
+        if self.gateway is not None:  # [http gateway hook] restart it if it died (not while stopping)
+            self.gateway.tick(now, stopping=self.state in (CS.STOPPING, CS.STOPPED))
 
     def shutdown(self) -> None:
         """Kill anything still running, close sockets, remove the run directory. Idempotent."""
+        if self.gateway is not None:  # [http gateway hook] first, while it can still reach us
+            self.gateway.stop(self.stop_reason or "coordinator shutdown")
         self.launcher.close(self.stop_reason or "coordinator shutdown")  # normally nothing is left
         self.metrics.stop()
         for monitor in (self.monitor, self.wmonitor):

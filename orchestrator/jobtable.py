@@ -50,7 +50,7 @@ class SlotLoad:
 class PoolJobs:
     """One pool's queue and job counts."""
 
-    __slots__ = ("queue", "running", "accepted", "ended", "completed", "failed", "_done_times")
+    __slots__ = ("queue", "running", "accepted", "ended", "completed", "failed", "cancelled", "_done_times")
 
     def __init__(self):
         self.queue: deque = deque()
@@ -59,14 +59,16 @@ class PoolJobs:
         self.ended = 0
         self.completed = 0  # ended with a result
         self.failed = 0  # ended otherwise (error, cancel, timeout)
+        self.cancelled = 0  # of the failed: ended by their client's cancel
         self._done_times: deque = deque()  # end times within the throughput window
 
-    def record_end(self, ok: bool, now: float) -> None:
+    def record_end(self, ok: bool, now: float, cancelled: bool = False) -> None:
         self.ended += 1
         if ok:
             self.completed += 1
         else:
             self.failed += 1
+            self.cancelled += cancelled
         self._done_times.append(now)
         self._trim(now)
 
@@ -159,7 +161,7 @@ class JobTable:
             self.per_client[job.client] = n
         else:
             del self.per_client[job.client]
-        pj.record_end(state == JS.DONE, time.monotonic())
+        pj.record_end(state == JS.DONE, time.monotonic(), cancelled=state == JS.CANCELLED)
         self.reply(job, state, message)
 
     def _leave_slot(self, job: Job, pj: PoolJobs, state: JS, acked: bool) -> None:

@@ -58,6 +58,7 @@ class PoolSnapshot:
     running: int
     completed: int
     failed: int
+    cancelled: int  # of the failed: ended by their client's cancel
     throughput_1m: float
     queue_size: int
     reason: str | None  # why it is not ready: the first failed (else dead) slot's reason
@@ -117,7 +118,7 @@ def pool_snapshot(pool, jobs, now: float) -> PoolSnapshot:
     return PoolSnapshot(
         name=pool.name, handler=pool.cfg.handler, tp=pool.cfg.tp, desired=pool.desired,
         health=pool.health(), queued=len(jobs.queue), running=jobs.running, completed=jobs.completed,
-        failed=jobs.failed, throughput_1m=round(jobs.throughput(now), 3), queue_size=pool.cfg.queue_size,
+        failed=jobs.failed, cancelled=jobs.cancelled, throughput_1m=round(jobs.throughput(now), 3), queue_size=pool.cfg.queue_size,
         reason=pool.reason(), workers=tuple(worker_snapshot(s, now) for s in slots))
 
 

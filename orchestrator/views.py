@@ -62,6 +62,7 @@ def pool_view(p: PoolSnapshot) -> dict:
         "inflight": p.running,
         "completed": p.completed,
         "failed": p.failed,
+        "cancelled": p.cancelled,
         "throughput_1m": p.throughput_1m,
         "queue_size": p.queue_size,
         "reason": p.reason,

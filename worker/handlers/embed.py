@@ -172,14 +172,15 @@ class EmbedHandler(Handler):
             spans.append((i, len(texts), len(texts) + len(job_texts)))
             texts.extend(job_texts)
         try:
-            vectors = self._embed(texts) if texts else None
+            vectors, lengths = self._embed(texts) if texts else (None, None)
         except Exception as e:
             for i, _, _ in spans:
                 outcomes[i] = e
             return outcomes
         for i, start, end in spans:
             rows = vectors[start:end]
-            outcomes[i] = {"embeddings": NDArray.from_numpy(rows), "dim": self.dim, "model": self.name}
+            outcomes[i] = {"embeddings": NDArray.from_numpy(rows), "dim": self.dim, "model": self.name,
+                           "usage": {"prompt_tokens": sum(lengths[start:end])}}
         return outcomes
 
     def run(self, job: Job):
@@ -218,7 +219,7 @@ class EmbedHandler(Handler):
             vectors = self.ctx.to_host(torch.cat(parts).float())
         out = np.empty_like(vectors)
         out[np.asarray(order)] = vectors
-        return out
+        return out, lengths
 
     def _forward(self, rows: list):
         import torch
