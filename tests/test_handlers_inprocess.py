@@ -298,6 +298,24 @@ def test_invalid_generate_input_is_rejected_by_add(gen, inp):
     assert not handler.busy()
 
 
+def test_add_many_refuses_bad_jobs_alone_and_the_rest_match_generate(gen, reference):
+    """A burst goes to the engine in one add_many (worker/runtime.py): a bad job of the burst is refused
+    alone, and the good ones, handed over back to back, still match model.generate."""
+    handler, collector = gen
+    inputs = [PARITY_INPUTS[0], {"prompt": 7}, PARITY_INPUTS[1], {"max_new_tokens": 3}, PARITY_INPUTS[5]]
+    jobs = [new_job(inp) for inp in inputs]
+    refused = handler.add_many(jobs)
+    assert [exc is None for exc in refused] == [True, False, True, False, True]
+    assert all(isinstance(refused[i], JobError) and refused[i].code == "invalid_input" for i in (1, 3))
+    good = [j for j, exc in zip(jobs, refused) if exc is None]
+    collector.wait_ended([j.jid for j in good])
+    for job, inp in zip(good, [inputs[0], inputs[2], inputs[4]]):
+        ids = prompt_ids(reference, inp)
+        assert collector.result(job.jid)["token_ids"] == greedy_reference(reference, ids, inp["max_new_tokens"])
+    assert not any(collector.events[jobs[i].jid] for i in (1, 3))  # a refused job emits nothing
+    assert not handler.busy()
+
+
 # --------------------------------------------------------------------------------------------- embed
 
 

@@ -29,7 +29,7 @@ import time
 from dataclasses import dataclass
 from datetime import timedelta
 
-from protocol.errors import COLLECTIVE_MISMATCH, WORKER_CRASHED, JobError
+from protocol.errors import COLLECTIVE_MISMATCH, LOAD_FAILED, WORKER_CRASHED, JobError
 
 log = logging.getLogger("worker.guard")
 
@@ -227,7 +227,7 @@ class CollectiveGuard:
         token = rows[0][1]
         if len({r[0] for r in rows}) != 1:
             if self.wanted == "shm":
-                raise GroupError("guard transport 'shm' needs every rank on one host", "load_failed")
+                raise GroupError("guard transport 'shm' needs every rank on one host", LOAD_FAILED)
             return gloo
         shm, ok = None, 1
         if self.rank == 0:
@@ -244,7 +244,7 @@ class CollectiveGuard:
         if shm is not None:
             shm.close()
         if self.wanted == "shm":
-            raise GroupError("guard transport 'shm': a rank could not map the segment", "load_failed")
+            raise GroupError("guard transport 'shm': a rank could not map the segment", LOAD_FAILED)
         log.warning("rank %d: collective guard falls back to gloo: a rank could not map the segment", self.rank)
         return gloo
 

@@ -185,6 +185,21 @@ class EngineHandler(Handler):
     def add(self, job: Job) -> None:
         raise NotImplementedError
 
+    def add_many(self, jobs: list[Job]) -> list[BaseException | None]:
+        """Add a burst of jobs; returns, per job, the exception that refused it (None: added).
+
+        An engine starts a step as soon as it sees a request, so jobs of one burst should reach it back to
+        back. An engine whose `add` does per-job work first (parsing, tokenising) overrides this to do that
+        work for the whole burst before handing any job over."""
+        refused: list[BaseException | None] = []
+        for job in jobs:
+            try:
+                self.add(job)
+                refused.append(None)
+            except Exception as e:
+                refused.append(e)
+        return refused
+
     def cancel(self, jid: int) -> None:
         raise NotImplementedError
 

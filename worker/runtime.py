@@ -265,10 +265,13 @@ class ComputeLoop:
 
     def _engine_turn(self) -> None:
         self._gather_burst()
+        burst = []
         while self.pending:
             job = self._take()
             if job is not None:
-                self._engine_add(job)
+                burst.append(job)
+        if burst:
+            self._engine_add(burst)
         for jid in [j for j in self.active if j in self.cancelled]:
             self.cancelled.discard(jid)
             self.handler.cancel(jid)
@@ -296,13 +299,16 @@ class ComputeLoop:
                 return
             self._receive()
 
-    def _engine_add(self, job: Job) -> None:
+    def _engine_add(self, burst: list[Job]) -> None:
         try:
-            self.handler.add(job)
-        except Exception as e:
-            self._end(job.jid, self.errors.reply(job.jid, e))
-            return
-        self.active.add(job.jid)
+            refused = self.handler.add_many(burst)
+        except Exception as e:  # a handler bug in add_many itself: every job of the burst fails with it
+            refused = [e] * len(burst)
+        for job, exc in zip(burst, refused):
+            if exc is None:
+                self.active.add(job.jid)
+            else:
+                self._end(job.jid, self.errors.reply(job.jid, exc))
 
     def _engine_event(self, kind: str, jid: int, payload) -> None:
         self.progress.tick()
