@@ -67,6 +67,14 @@ def add_serve(sub) -> None:
     p.add_argument("--curve-secret-key", help="server key pair file (from `orchestrator keygen`)")
     p.add_argument("--authorized-keys", help="directory of client public key files")
     p.add_argument("--kill-stale", action="store_true", help="kill leftover workers of earlier runs")
+    p.add_argument("--ray", metavar="ADDRESS",
+                   help="place workers on a Ray cluster: auto (a running cluster or RAY_ADDRESS) or "
+                        "HOST:PORT; pools then use devices ray:N (GPUs) or ray-cpu:N ([cluster] ray)")
+    p.add_argument("--worker-address", metavar="HOST",
+                   help="Ray mode: the host the worker socket binds, which remote workers connect to "
+                        "(default: this host's address on the Ray network)")
+    p.add_argument("--placement-timeout", type=float, metavar="S",
+                   help="Ray mode: seconds the first slots may take to be placed (default 60)")
     for f in dataclasses.fields(Limits):  # --max-message-bytes, --max-bin-len, ... (README, "Limits")
         p.add_argument("--" + f.name.replace("_", "-"), type=int, metavar="N",
                        help=f"[limits] {f.name} (default {f.default})")
@@ -81,7 +89,8 @@ _SERVER_FLAGS = {"address": "address", "hb_interval": "hb_interval", "hb_timeout
                  "drain_timeout": "drain_timeout", "metrics_port": "metrics_port",
                  "log_format": "log_format", "log_level": "log_level",
                  "curve_secret_key": "curve_secret_key", "authorized_keys": "authorized_keys",
-                 "max_pending_per_client": "max_pending_per_client", "max_queued": "max_queued_total"}
+                 "max_pending_per_client": "max_pending_per_client", "max_queued": "max_queued_total",
+                 "ray": "ray", "worker_address": "worker_address", "placement_timeout": "placement_timeout"}
 _HTTP_FLAGS = {"http_port": "port", "http_host": "host", "api_key_file": "api_key_file",
                "http_job_timeout": "job_timeout"}
 _POOL_FLAGS = ("devices", "tp", "replicas", "workers_per_device", "capacity", "retries", "step_budget",

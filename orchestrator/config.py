@@ -82,6 +82,13 @@ class ServerConfig:
     # At startup, serve the pools that loaded even if another failed (else: stop everything, exit 2).
     keep_going: bool = False
     http: HttpConfig = field(default_factory=HttpConfig)
+    # [cluster]: Ray mode. `ray` is "auto" (a running cluster, or RAY_ADDRESS) or HOST:PORT; None: local.
+    ray: str | None = None
+    worker_address: str | None = None  # Ray mode: the worker socket's bind host (default: our Ray address)
+    placement_timeout: float = 60.0  # Ray mode: seconds the first slots may take to be placed
+
+
+CLUSTER_KEYS = {"ray": "ray", "worker_address": "worker_address", "placement_timeout": "placement_timeout"}
 
 
 def _build(cls, data: dict, where: str):
@@ -93,13 +100,19 @@ def _build(cls, data: dict, where: str):
 
 
 def load_toml(path: str) -> ServerConfig:
-    """Read a server config file: top-level [server] keys, [limits], and one [pools.NAME] table each."""
+    """Read a server config file: top-level [server] keys, [limits], [cluster] (Ray mode), and one
+    [pools.NAME] table each."""
     with open(path, "rb") as f:
         data = tomllib.load(f)
-    unknown = set(data) - {"server", "limits", "pools", "http"}
+    unknown = set(data) - {"server", "limits", "pools", "cluster", "http"}
     if unknown:
         raise ValueError(f"{path}: unknown table(s) {sorted(unknown)}")
     server = dict(data.get("server", {}))
+    cluster = data.get("cluster", {})
+    unknown = set(cluster) - set(CLUSTER_KEYS)
+    if unknown:
+        raise ValueError(f"{path} [cluster]: unknown key(s) {sorted(unknown)}; allowed: {sorted(CLUSTER_KEYS)}")
+    server.update({CLUSTER_KEYS[k]: v for k, v in cluster.items()})
     server["limits"] = _build(Limits, data.get("limits", {}), f"{path} [limits]")
     pools = [_build(PoolConfig, {"name": name, **body}, f"{path} [pools.{name}]")
              for name, body in data.get("pools", {}).items()]
@@ -132,3 +145,26 @@ def validate(cfg: ServerConfig) -> None:
     from .http.settings import check_http  # no web framework imported: only the bind and key rules
 
     check_http(cfg)
+    _validate_cluster(cfg)
+
+
+def _validate_cluster(cfg: ServerConfig) -> None:
+    """Ray devices need Ray mode, and Ray mode places every pool on the cluster."""
+    on_ray = {p.name: p.devices.strip().startswith(("ray:", "ray-cpu:")) for p in cfg.pools}
+    if cfg.ray is None:
+        named = [n for n, r in on_ray.items() if r]
+        if named:
+            raise ValueError(f"pool(s) {named} use ray devices: serve with --ray ADDRESS "
+                             f"(or [cluster] ray = \"auto\")")
+        return
+    if not isinstance(cfg.ray, str) or not cfg.ray.strip():
+        raise ValueError(f"[cluster] ray must be \"auto\" or HOST:PORT, got {cfg.ray!r}")
+    local = [f"{p.name} ({p.devices})" for p in cfg.pools if not on_ray[p.name]]
+    if local:
+        raise ValueError(f"with --ray every pool runs on the cluster: give pool(s) {', '.join(local)} "
+                         f"devices = \"ray:N\" (GPUs) or \"ray-cpu:N\"")
+    shared = [p.name for p in cfg.pools if p.workers_per_device != 1]
+    if shared:
+        raise ValueError(f"pool(s) {shared}: workers_per_device is not supported on a Ray cluster")
+    if not cfg.placement_timeout > 0:
+        raise ValueError(f"placement_timeout must be > 0 seconds, got {cfg.placement_timeout!r}")

@@ -20,7 +20,7 @@ import zmq
 from protocol import Codec, errors as E
 from protocol.codec import INTERNAL_LIMITS
 from protocol.messages import CLIENT_REQUEST_OPS
-from . import security, snapshot
+from . import cluster, security, snapshot
 from .client_ops import ClientOps, replier
 from .config import ServerConfig, validate
 from .dispatch import Dispatcher
@@ -65,6 +65,8 @@ class Coordinator:
         self.zctx = self.auth = self.csock = self.wsock = self.loop = self.monitor = None
         self.endpoint = self.worker_endpoint = self.run_dir = None
         self.sup = self.dispatcher = self.fleet = self.client = self.signals = None
+        self.wmonitor: security.HandshakeMonitor | None = None  # Ray mode: refusals on the worker socket
+        self.worker_keys: security.WorkerKeys | None = None  # Ray mode: the worker socket's CURVE keys
         # Startup: every pool's first load settles (served or failed), then on_startup({pool: reason})
         # is called once; a failure without keep_going stops everything and run() returns 2.
         self.on_startup = on_startup
@@ -81,15 +83,21 @@ class Coordinator:
         self.pools = {p.name: Pool(p) for p in self.cfg.pools}  # raises ValueError on bad placement
         self.run_dir = tempfile.mkdtemp(prefix="orchestrator-", dir=self.cfg.run_dir)
         os.chmod(self.run_dir, 0o700)  # only this user may reach the worker socket
+        if self.cfg.ray is not None:  # Ray mode: join the cluster (ValueError if we cannot)
+            self.worker_keys = security.WorkerKeys(self.run_dir)
+            self.launcher = cluster.make_launcher(self.cfg, self.run_dir, self.worker_keys)
         self.zctx = zmq.Context()
-        self.auth = security.setup(self.zctx, self.cfg)
+        self.auth = security.setup(self.zctx, self.cfg, self.worker_keys)
         self.csock = self._bind_client()
         self.wsock = self._bind_workers()
         self.loop = EventLoop()
         self.monitor = security.HandshakeMonitor(self.csock, self.csock.getsockopt(zmq.MAXMSGSIZE))
         self.loop.add(self.monitor.sock, self.monitor.on_readable)
+        if self.wmonitor is not None:
+            self.loop.add(self.wmonitor.sock, self.wmonitor.on_readable)
         self._wire()
         self.signals = Signals(self.loop, self._on_signal)
+        cluster.reserve(self.cfg, self.launcher, self.pools)  # Ray: every first slot placed, or ValueError
         self.fleet.start()
         self.metrics.start(self.snapshot)
         if self.gateway is not None:  # [http gateway hook] a ZMQ client of ours, in its own process
@@ -129,8 +137,13 @@ class Coordinator:
         sock.setsockopt(zmq.LINGER, 0)
         sock.setsockopt(zmq.SNDHWM, 0)  # never drop a job or a stop message to a worker
         sock.setsockopt(zmq.RCVHWM, 0)
-        self.worker_endpoint = f"ipc://{self.run_dir}/workers.sock"
-        sock.bind(self.worker_endpoint)
+        if self.worker_keys is not None:  # Ray mode: TCP, so only this run's worker key may connect
+            self.worker_keys.apply_server(sock)
+            self.wmonitor = security.HandshakeMonitor(sock, 0, who="worker", log_closes=False)
+        sock.bind(cluster.worker_bind_address(self.cfg, self.run_dir, self.launcher))
+        self.worker_endpoint = sock.getsockopt_string(zmq.LAST_ENDPOINT)
+        if self.worker_keys is not None:
+            log.info("worker socket %s: CURVE, this run's worker key only", self.worker_endpoint)
         return sock
 
     def _send_worker(self, identity: bytes, msg) -> None:
@@ -170,7 +183,9 @@ class Coordinator:
             self._next_reconcile = now + RECONCILE_S
             self.fleet.reconcile(now)
         self.dispatcher.table.expire(now)
-        self.monitor.flush()  # suppressed-refusal counts reach the log without waiting for a next one
+        for monitor in (self.monitor, self.wmonitor):
+            if monitor is not None:  # suppressed-refusal counts reach the log without a next refusal
+                monitor.flush()
         if self.state == CS.DRAINING:
             self._check_drained(now)
         if self.state == CS.STOPPING and self.fleet.stopped():
@@ -185,9 +200,10 @@ class Coordinator:
             self.gateway.stop(self.stop_reason or "coordinator shutdown")
         self.launcher.close(self.stop_reason or "coordinator shutdown")  # normally nothing is left
         self.metrics.stop()
-        if self.monitor is not None:
-            self.monitor.close()
-            self.monitor = None
+        for monitor in (self.monitor, self.wmonitor):
+            if monitor is not None:
+                monitor.close()
+        self.monitor = self.wmonitor = None
         if self.csock is not None:
             if self.out:
                 self.out.flush()  # the last replies (results, the stop's ok)

@@ -71,6 +71,11 @@ class RankHandle:
         return self.exit_status is None
 
     @property
+    def started(self) -> bool:
+        """Its process exists (a remote launcher may first wait for room in the cluster)."""
+        return self.pid is not None
+
+    @property
     def label(self) -> str:
         """Where it runs, for logs: `pid 123`, or `pid 123 on node-2`."""
         where = f"pid {self.pid}" if self.pid is not None else "no pid"

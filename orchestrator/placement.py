@@ -10,18 +10,24 @@ import subprocess
 from dataclasses import dataclass
 
 CPU = "cpu"
+RAY_KINDS = {"ray": ("ray-gpu", "ray"), "ray-cpu": ("ray-cpu", "raycpu")}  # spec prefix -> (kind, id prefix)
 
 
 @dataclass(frozen=True)
 class DeviceSet:
     """The devices a pool may use. `kind` is "gpu" (ids are CUDA_VISIBLE_DEVICES entries) or "cpu"
-    (ids are virtual slot names "cpu0", "cpu1"... that bind no GPU)."""
+    (ids are virtual slot names "cpu0", "cpu1"... that bind no GPU); or, in Ray mode, "ray-gpu" /
+    "ray-cpu" (virtual ids "ray0"... / "raycpu0"...: Ray picks the node and the devices at start)."""
 
     kind: str
     ids: tuple
 
     def __len__(self) -> int:
         return len(self.ids)
+
+    @property
+    def on_ray(self) -> bool:
+        return self.kind.startswith("ray-")
 
 
 def visible_gpus(environ: dict | None = None) -> list[str]:
@@ -54,7 +60,8 @@ def count_gpus() -> int:
 
 
 def parse_devices(spec: str, environ: dict | None = None, default_cpu: int = 2) -> DeviceSet:
-    """Parse a device spec: "auto", "cpu:N" or explicit GPU ids "0,1,2,3".
+    """Parse a device spec: "auto", "cpu:N", explicit GPU ids "0,1,2,3", or on a Ray cluster "ray:N"
+    (N GPUs) and "ray-cpu:N" (N CPU slots).
 
     >>> parse_devices("cpu:3")
     DeviceSet(kind='cpu', ids=('cpu0', 'cpu1', 'cpu2'))
@@ -64,8 +71,16 @@ def parse_devices(spec: str, environ: dict | None = None, default_cpu: int = 2) 
     DeviceSet(kind='gpu', ids=('4', '5'))
     >>> parse_devices("auto", {"CUDA_VISIBLE_DEVICES": ""}, default_cpu=2)
     DeviceSet(kind='cpu', ids=('cpu0', 'cpu1'))
+    >>> parse_devices("ray:2"), parse_devices("ray-cpu:1")
+    (DeviceSet(kind='ray-gpu', ids=('ray0', 'ray1')), DeviceSet(kind='ray-cpu', ids=('raycpu0',)))
     """
     spec = spec.strip()
+    prefix, _, count = spec.partition(":")
+    if prefix in RAY_KINDS:
+        if not count.isdigit() or int(count) < 1:
+            raise ValueError(f"bad device spec {spec!r}: {prefix}:N needs N >= 1")
+        kind, id_prefix = RAY_KINDS[prefix]
+        return DeviceSet(kind, tuple(f"{id_prefix}{i}" for i in range(int(count))))
     if spec == "auto":
         gpus = visible_gpus(environ)
         return DeviceSet("gpu", tuple(gpus)) if gpus else _cpu_slots(default_cpu)
@@ -182,7 +197,8 @@ def available_cores() -> list[int]:
 def cuda_visible(devices: tuple) -> str:
     """CUDA_VISIBLE_DEVICES value for a worker slot; "" hides every GPU from CPU workers.
 
-    >>> cuda_visible(("2", "3")), cuda_visible(("cpu0",))
-    ('2,3', '')
+    >>> cuda_visible(("2", "3")), cuda_visible(("cpu0",)), cuda_visible(("ray0",))
+    ('2,3', '', '')
     """
-    return ",".join(d for d in devices if not d.startswith(CPU))
+    # Virtual ids bind no GPU here (Ray-placed slots get theirs from Ray); real ids may be UUIDs.
+    return ",".join(d for d in devices if not d.startswith((CPU, "ray")))

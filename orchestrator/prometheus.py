@@ -108,6 +108,9 @@ class PrometheusMetrics:
                               "reports it", ["pool", "worker", "device"])
         self.gpu_total = gauge("orchestrator_gpu_memory_total_bytes", "GPU memory in total",
                                ["pool", "worker", "device"])
+        self.worker_node = gauge("orchestrator_worker_node", "1 for each host and Ray node a worker slot's "
+                                 "live ranks run on (node empty when launched locally)",
+                                 ["pool", "worker", "host", "node"])
 
     # ------------------------------------------------------------------ lifecycle
 
@@ -177,13 +180,14 @@ class PrometheusMetrics:
         self.pool_health.publish(health)
 
     def _refresh_workers(self, snap) -> None:
-        state, inflight, hb, step, rss, used, total = {}, {}, {}, {}, {}, {}, {}
+        state, inflight, hb, step, rss, used, total, where = {}, {}, {}, {}, {}, {}, {}, {}
         for name, pool in snap.pools.items():
             for w in pool.workers:
                 v = views.worker_view(w)
                 key = (name, w.name)
                 state.update({(*key, s.value): int(s == w.state) for s in WorkerState})
                 inflight[key] = v["inflight"]
+                where.update({(*key, r["host"] or "", r["node"] or ""): 1 for r in v["ranks"] if r["alive"]})
                 if v["heartbeat_age"] is not None:  # no live process: no heartbeat to age
                     hb[key] = v["heartbeat_age"]
                     step[key] = v["step_age"] or 0.0
@@ -194,5 +198,5 @@ class PrometheusMetrics:
                     total[(*key, str(g["device"]))] = g["total_bytes"]
         for gauge, values in ((self.worker_state, state), (self.worker_inflight, inflight),
                               (self.heartbeat_age, hb), (self.step_age, step), (self.rss, rss),
-                              (self.gpu_used, used), (self.gpu_total, total)):
+                              (self.gpu_used, used), (self.gpu_total, total), (self.worker_node, where)):
             gauge.publish(values)

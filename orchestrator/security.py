@@ -7,6 +7,11 @@ Refusals are logged, rate-limited so that a client retrying in a loop cannot flo
 - a client whose CURVE key is not authorised: by the ZAP handler (`_ZapLog`), naming the key;
 - a client that fails the handshake before ZAP (no CURVE at all, garbage, a wrong socket type): by a
   socket monitor on the client socket (`HandshakeMonitor`), which the coordinator's loop reads.
+
+In Ray mode the worker socket is a TCP socket too (workers on other hosts connect back to it). It is a
+CURVE server with a key pair made for the run, and the same ZAP handler admits only the run's worker key
+(ZAP domain `workers`, apart from the client keys); its refusals are logged the same way, as worker
+connections.
 """
 from __future__ import annotations
 
@@ -21,7 +26,11 @@ import time
 
 import zmq
 
+from protocol.curve import CurveClientKeys, apply_client as _apply_curve_client
+
 log = logging.getLogger("orchestrator.security")
+
+WORKER_DOMAIN = "workers"  # ZAP domain of the worker socket: client keys never open it, nor the reverse
 
 
 class InsecureBind(ValueError):
@@ -107,16 +116,20 @@ class _ZapLog:
 
     def __init__(self):
         self.refused = _Throttle("'refused client connection'")
+        self.refused_workers = _Throttle("'refused worker connection'")
 
     def __getattr__(self, name):
         return getattr(log, name)
 
     def debug(self, msg, *args, **kwargs):
         text = msg % args if args else msg
+        throttle, who = self.refused, "client"
+        if f"domain={WORKER_DOMAIN} " in text:
+            throttle, who = self.refused_workers, "worker"
         if text.startswith("DENIED"):
-            self.refused("refused client connection: %s", text)
+            throttle(f"refused {who} connection: %s", text)
         elif text.startswith("ZAP reply") and "200" not in text and "Unknown key" not in text:
-            self.refused("refused client connection: %s", text)  # no DENIED line for these
+            throttle("refused client connection: %s", text)  # no DENIED line for these
         else:
             log.debug(text)
 
@@ -147,14 +160,16 @@ class HandshakeMonitor:
     EVENTS = (zmq.EVENT_HANDSHAKE_FAILED_PROTOCOL | zmq.EVENT_HANDSHAKE_FAILED_NO_DETAIL
               | zmq.EVENT_HANDSHAKE_FAILED_AUTH | zmq.EVENT_ACCEPTED | zmq.EVENT_DISCONNECTED)
 
-    def __init__(self, sock: zmq.Socket, hard_cap: int):
+    def __init__(self, sock: zmq.Socket, hard_cap: int, who: str = "client", log_closes: bool = True):
         self.sock = sock.get_monitor_socket(self.EVENTS)
         self.sock.setsockopt(zmq.LINGER, 0)
         self.hard_cap = hard_cap
+        self.who = who  # "client", or "worker" for the worker socket in Ray mode
+        self.log_closes = log_closes  # workers leave at every restart: not worth a line each
         self.open = 0
         self.refused = 0  # handshakes that failed
         self._unlogged_closes = 0  # refused connections: their close needs no second line
-        self.refusals = _Throttle("'refused client connection'")
+        self.refusals = _Throttle(f"'refused {who} connection'")
         self.closes = _Throttle("'client connection closed' (the client left, or a message over the "
                                 f"{hard_cap}-byte hard cap)", logging.INFO)
 
@@ -178,6 +193,8 @@ class HandshakeMonitor:
             if self._unlogged_closes:
                 self._unlogged_closes -= 1
                 return
+            if not self.log_closes:
+                return
             self.closes("client connection on %s closed (%d open): the client left, or libzmq cut "
                         "it for a protocol error or a message over the %d-byte hard cap", where,
                         self.open, self.hard_cap)
@@ -185,7 +202,7 @@ class HandshakeMonitor:
             self.refused += 1
             self._unlogged_closes += 1
             if event != zmq.EVENT_HANDSHAKE_FAILED_AUTH:  # _ZapLog logged that one, naming the key
-                self.refusals("refused client connection on %s: handshake failed: %s", where,
+                self.refusals(f"refused {self.who} connection on %s: handshake failed: %s", where,
                               _handshake_failure(event, value))
 
     def flush(self) -> None:
@@ -200,9 +217,56 @@ class HandshakeMonitor:
 # ---------------------------------------------------------------------------- server side
 
 
-def setup(zctx: zmq.Context, cfg):
-    """Check the bind policy and start the ZAP authenticator when CURVE is configured; returns it
-    (or None). Raises InsecureBind or ValueError (naming the flag) on a config that cannot be safe."""
+def setup(zctx: zmq.Context, cfg, worker_keys: "WorkerKeys | None" = None):
+    """Check the bind policy and start the ZAP authenticator when CURVE is configured on the client
+    socket or the worker socket (`worker_keys`, Ray mode); returns it (or None). Raises InsecureBind or
+    ValueError (naming the flag) on a config that cannot be safe."""
+    auth = _setup_clients(zctx, cfg)
+    if worker_keys is None:
+        return auth
+    if not zmq.has("curve"):
+        raise ValueError("Ray mode needs CURVE for the worker socket; this libzmq was built without it")
+    if auth is None:
+        auth = _start_authenticator(zctx)
+    # A directory of public keys, as for clients: a callback provider would take over every ZAP domain
+    # in zmq.auth, and the client keys would stop working.
+    auth.configure_curve(domain=WORKER_DOMAIN, location=worker_keys.directory)
+    return auth
+
+
+def _start_authenticator(zctx: zmq.Context):
+    from zmq.auth.thread import ThreadAuthenticator
+
+    auth = ThreadAuthenticator(zctx, log=_ZapLog())
+    auth.start()
+    return auth
+
+
+class WorkerKeys:
+    """The worker socket's CURVE keys, made fresh for each run in the private run directory (0700,
+    removed at shutdown): the server's key pair (kept in memory), and one key pair that every worker of
+    this run presents (its public key is the only one in `directory`; the pair travels in each worker's
+    spec)."""
+
+    def __init__(self, run_dir: str):
+        import zmq.auth
+
+        self.directory = os.path.join(run_dir, "worker-keys")
+        os.makedirs(self.directory, mode=0o700)
+        public_path, secret_path = zmq.auth.create_certificates(self.directory, "worker")
+        os.chmod(secret_path, 0o600)
+        public, secret = zmq.auth.load_certificate(secret_path)
+        self.server_public, self.server_secret = zmq.curve_keypair()
+        self.worker = CurveClientKeys(self.server_public, public, secret)
+
+    def apply_server(self, sock: zmq.Socket) -> None:
+        sock.zap_domain = WORKER_DOMAIN.encode()
+        sock.curve_secretkey = self.server_secret
+        sock.curve_publickey = self.server_public
+        sock.curve_server = True
+
+
+def _setup_clients(zctx: zmq.Context, cfg):
     if cfg.authorized_keys and not cfg.curve_secret_key:
         raise ValueError("--authorized-keys needs --curve-secret-key (the server's key pair); "
                          "without it the socket would accept anyone")
@@ -215,10 +279,7 @@ def setup(zctx: zmq.Context, cfg):
         raise ValueError("this libzmq was built without CURVE support")
     _load_server_certificate(cfg.curve_secret_key)
     keys = _authorized_keys(cfg.authorized_keys)
-    from zmq.auth.thread import ThreadAuthenticator
-
-    auth = ThreadAuthenticator(zctx, log=_ZapLog())
-    auth.start()
+    auth = _start_authenticator(zctx)
     auth.configure_curve(domain="*", location=cfg.authorized_keys)
     log.info("client socket %s: CURVE, %d authorised client key(s) from %s", cfg.address, keys,
              cfg.authorized_keys)
@@ -262,7 +323,7 @@ def _load_server_certificate(path: str) -> tuple[bytes, bytes]:
 
 
 def apply_server(sock: zmq.Socket, cfg, auth) -> None:
-    if auth is None:
+    if auth is None or not cfg.curve_secret_key:
         return
     public, secret = _load_server_certificate(cfg.curve_secret_key)
     sock.curve_secretkey = secret
@@ -273,7 +334,7 @@ def apply_server(sock: zmq.Socket, cfg, auth) -> None:
 # ---------------------------------------------------------------------------- client side
 
 
-def client_keys(curve: dict | None) -> dict | None:
+def client_keys(curve: dict | None) -> CurveClientKeys | None:
     """Load and check `curve = {"server_public_key": path, "secret_key": path}` (zmq.auth certificate
     files) before any socket exists: a bad path raises ValueError here, in the caller's thread."""
     if not curve:
@@ -291,17 +352,14 @@ def client_keys(curve: dict | None) -> dict | None:
         raise ValueError(f"cannot load CURVE key: {e}") from None
     if secret is None:
         raise ValueError(f"{curve['secret_key']} holds no secret key (use NAME.key_secret)")
-    return {"serverkey": server_public, "publickey": public, "secretkey": secret}
+    return CurveClientKeys(server_public, public, secret)
 
 
-def apply_client(sock: zmq.Socket, curve: dict | None) -> None:
+def apply_client(sock: zmq.Socket, curve: "dict | CurveClientKeys | None") -> None:
     """Set CURVE client keys on `sock`; `curve` is a path dict (see `client_keys`) or its result."""
     if not curve:
         return
-    keys = curve if "serverkey" in curve else client_keys(curve)
-    sock.curve_serverkey = keys["serverkey"]
-    sock.curve_publickey = keys["publickey"]
-    sock.curve_secretkey = keys["secretkey"]
+    _apply_curve_client(sock, curve if isinstance(curve, CurveClientKeys) else client_keys(curve))
 
 
 def keygen(directory: str, names: tuple = ("server", "client")) -> list[str]:

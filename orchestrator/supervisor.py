@@ -273,6 +273,9 @@ class Supervisor:
         if slot.stopping:
             return  # a staged stop is under way: its own budget decides, not heartbeats
         for p in slot.procs:
+            if not p.handle.started:  # waiting for room in a cluster: its start-up clock has not begun
+                p.last_seen = now
+                continue
             silent = now - p.last_seen
             limit = self.cfg.hb_timeout if p.hello else max(self.cfg.hb_timeout, START_TIMEOUT)
             if p.alive and silent > limit:

@@ -33,8 +33,15 @@ def _pool_rows(st: dict) -> list:
              p["completed"], p["failed"], p["throughput_1m"]] for name, p in st["pools"].items()]
 
 
+def _where(w: dict) -> str:
+    """Its host(s); for a Ray-placed worker also its node id(s) (first 8 characters): `vm/f7513409`."""
+    hosts = ",".join(w.get("hosts") or []) or "-"
+    nodes = ",".join(n[:8] for n in w.get("nodes") or [])
+    return f"{hosts}/{nodes}" if nodes else hosts
+
+
 def _worker_row(w: dict) -> list:
-    return [w["name"], w["state"], ",".join(w["devices"]), ",".join(map(str, w["pids"])) or "-",
+    return [w["name"], w["state"], ",".join(w["devices"]), ",".join(map(str, w["pids"])) or "-", _where(w),
             f"{w['inflight']}/{w['capacity']}", w["completed"], w["failed"], w["restarts"],
             w["heartbeat_age"], w["step_age"], _rss(w), _gpu_mem(w), w["last_exit_reason"]]
 
@@ -46,6 +53,6 @@ def render_status(st: dict) -> str:
     out += ["", _table(["POOL", "HANDLER", "TP", "HEALTH", "DESIRED", "QUEUED", "INFLIGHT", "DONE",
                         "FAILED", "JOBS/S(1m)"], _pool_rows(st))]
     rows = [_worker_row(w) for p in st["pools"].values() for w in p["workers"]]
-    out += ["", _table(["WORKER", "STATE", "DEVICES", "PIDS", "JOBS", "DONE", "FAILED", "RESTARTS",
-                        "HB_AGE", "STEP_AGE", "RSS", "GPU_MEM(used/total)", "LAST_EXIT"], rows)]
+    out += ["", _table(["WORKER", "STATE", "DEVICES", "PIDS", "HOST/NODE", "JOBS", "DONE", "FAILED",
+                        "RESTARTS", "HB_AGE", "STEP_AGE", "RSS", "GPU_MEM(used/total)", "LAST_EXIT"], rows)]
     return "\n".join(out)

@@ -29,6 +29,7 @@ def worker_view(w: WorkerSnapshot) -> dict:
         "devices": list(w.devices),
         "pids": [r.pid for r in live],
         "hosts": sorted({r.host for r in live if r.host}),
+        "nodes": sorted({r.node for r in live if r.node}),  # Ray node ids; [] when launched locally
         "inflight": w.running,  # running jobs; these add up to the pool's `inflight`
         "awaiting_ack": w.awaiting_ack,  # ended jobs still holding a credit until the worker answers
         "capacity": w.capacity,

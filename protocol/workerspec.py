@@ -19,6 +19,7 @@ from typing import Any
 import msgpack
 
 from .codec import Limits
+from .curve import CurveClientKeys
 from .errors import BadField
 from .messages import field_check
 
@@ -61,9 +62,17 @@ class WorkerSpec:
     guard_timeout: float = GUARD_TIMEOUT_S  # tp > 1 only
     limits: dict = field(default_factory=dict)  # the client limits (protocol.Limits fields) for inputs
     spawned_at: float | None = None  # CLOCK_MONOTONIC at spawn: the worker measures its boot from it
+    # Ray mode (the Ray launcher and the rank's actor fill these in): CURVE keys for the TCP worker
+    # socket (protocol/curve.py: server_public, public, secret), and the Ray node id the worker runs on.
+    curve: dict | None = None
+    node: str | None = None
 
     def routing_id(self, socket: str) -> bytes:
         return routing_id(socket, self.wid, self.incarnation)
+
+    def curve_keys(self) -> CurveClientKeys | None:
+        """The CURVE client keys for the worker's sockets (None: the local ipc socket needs none)."""
+        return CurveClientKeys.from_spec(self.curve)
 
     def input_limits(self) -> Limits:
         """The limits a job's `input` is decoded under: the same as the coordinator's client limits."""

@@ -15,7 +15,7 @@ from typing import Callable
 
 import zmq
 
-from protocol import Codec
+from protocol import Codec, curve
 from protocol.messages import WCancel, WGroupInfo, WHeartbeat, WHello, WPing, WStop
 from protocol.workerspec import CONTROL, WorkerSpec
 from worker.handler import Progress
@@ -65,6 +65,7 @@ class ControlThread(threading.Thread):
         sock = self.zctx.socket(zmq.DEALER)
         sock.setsockopt(zmq.LINGER, 0)
         sock.setsockopt(zmq.ROUTING_ID, spec.routing_id(CONTROL))
+        curve.apply_client(sock, spec.curve_keys())
         sock.connect(spec.endpoint)
         sock.send(self.codec.encode(WHello(spec.wid, spec.incarnation, os.getpid(), spec.rank)))
         return sock

@@ -92,6 +92,7 @@ class WorkerContext:
     config: dict  # the pool's handler config from the server config
     rank: int = 0
     world_size: int = 1
+    node: str | None = None  # the Ray node id when Ray placed this worker; None when launched locally
     group: Any = None  # worker.tp.GroupRuntime for tp > 1, else None
     # An EngineHandler reports chunks, results and errors here (thread-safe); the compute loop drains it.
     sink: EventSink = field(default_factory=EventSink)

@@ -13,7 +13,7 @@ import sys
 
 import zmq
 
-from protocol import Codec, JobError
+from protocol import Codec, JobError, curve
 from protocol.errors import HANDLER_INIT_FAILED, LOAD_FAILED, UNKNOWN_HANDLER, WorkerFailure
 from protocol.messages import WFatal
 from protocol.workerspec import DATA, WorkerSpec
@@ -59,7 +59,8 @@ def build_context(spec: WorkerSpec, state: ControlState, wakeup: Wakeup) -> Work
         return out
 
     return WorkerContext(wid=spec.wid, pool=spec.pool, devices=spec.devices, device=device,
-                         config=spec.config, rank=spec.rank, world_size=spec.world_size, group=group,
+                         config=spec.config, rank=spec.rank, world_size=spec.world_size, node=spec.node,
+                         group=group,
                          sink=EventSink(wakeup.set), progress=Progress(), stats_fn=stats,
                          transfers=transfers)
 
@@ -152,6 +153,7 @@ def _fatal(zctx: zmq.Context, sock, spec: WorkerSpec, state: ControlState, exc: 
     if sock is None:  # failed before the data socket existed: one with the data socket's routing id
         sock = zctx.socket(zmq.DEALER)
         sock.setsockopt(zmq.ROUTING_ID, spec.routing_id(DATA))
+        curve.apply_client(sock, spec.curve_keys())
         sock.connect(spec.endpoint)
     sock.send(Codec().encode(WFatal(spec.wid, spec.incarnation, code, message[-4000:], details)))
     sock.close(linger=1000)  # the context's term() waits up to 1 s for the reason to be delivered

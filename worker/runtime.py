@@ -15,7 +15,7 @@ from collections import deque
 import psutil
 import zmq
 
-from protocol import Codec, JobError, ProtocolError
+from protocol import Codec, JobError, ProtocolError, curve
 from protocol.codec import INTERNAL_LIMITS
 from protocol.errors import CANCELLED, HANDLER_ERROR, WORKER_CRASHED
 from protocol.messages import WChunk, WError, WReady, WResult, WRun
@@ -132,6 +132,7 @@ class ComputeLoop:
         sock.setsockopt(zmq.SNDHWM, 0)  # never drop a result because a queue filled
         sock.setsockopt(zmq.RCVHWM, 0)
         sock.setsockopt(zmq.ROUTING_ID, self.spec.routing_id(DATA))
+        curve.apply_client(sock, self.spec.curve_keys())
         sock.connect(self.spec.endpoint)
         return sock
 

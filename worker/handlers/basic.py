@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import os
+import socket
 import time
 
 from protocol.errors import CANCELLED, INVALID_INPUT, JobError
@@ -84,4 +85,6 @@ class Env(Handler):
             "rank": self.ctx.rank,
             "device": self.ctx.device,
             "devices": self.ctx.devices,
+            "host": socket.gethostname(),
+            "node": self.ctx.node,  # the Ray node id, or None when launched locally
         }
