@@ -69,7 +69,7 @@ class AsyncJob:
             yield item
 
     async def cancel(self) -> dict:
-        return await self.client._request(lambda rid: Cancel(rid, self.id))
+        return await self.client.cancel(self.id)
 
 
 async def _wait(future: asyncio.Future, timeout: float | None) -> None:
@@ -140,6 +140,10 @@ class AsyncClient:
     async def run(self, pool: str, input: Any = None, *, timeout: float | None = None) -> Any:
         job = await self.submit(pool, input, timeout=timeout)
         return await job.result()
+
+    async def cancel(self, job_id: int) -> dict:
+        """Cancel one of this client's unfinished jobs by its id; the job then ends with code `cancelled`."""
+        return await self._request(lambda rid: Cancel(rid, job_id))
 
     async def status(self) -> dict:
         return await self._request(Status)

@@ -20,7 +20,7 @@ import queue
 import socket
 import threading
 import time
-from typing import Any, Iterator
+from typing import Any, Callable, Iterator
 
 import zmq
 
@@ -70,21 +70,24 @@ class _Pending:
 class JobHandle:
     """A submitted job. `result()` waits for its output; iterating yields its stream chunks."""
 
-    def __init__(self, client: "Client", rid: int, pool: str, pending: _Pending, timeout: float | None):
+    def __init__(self, client: "Client", rid: int, pool: str, pending: _Pending, timeout: float | None,
+                 wait: Callable[[Callable[[], bool], float | None], bool], pump: Callable[[], None]):
         self.client, self.id, self.pool = client, rid, pool
         self._p = pending
         self._timeout = timeout
+        # The client's socket I/O (leader/followers under its lock), handed in by the client itself.
+        self._wait, self._pump = wait, pump
 
     def done(self) -> bool:
         if not self._p.done.is_set():
-            self.client._pump()
+            self._pump()
         return self._p.done.is_set()
 
     def result(self, timeout: float | None = None) -> Any:
         """The job's output. Raises RequestError (with .code) on an error reply, TimeoutError if no
         reply within `timeout` seconds (default: the submit timeout plus a grace period, else forever)."""
         wait = timeout if timeout is not None else (self._timeout + 5 if self._timeout else None)
-        if not self.client._wait(self._p.done.is_set, wait):
+        if not self._wait(self._p.done.is_set, wait):
             raise TimeoutError(f"job {self.id} on pool {self.pool}: no reply within {wait} s")
         return _unwrap(self._p.outcome)
 
@@ -92,7 +95,7 @@ class JobHandle:
         """Stream chunks (data) as they arrive; ends after the final reply, raising on an error."""
         events = self._p.events
         while True:
-            self.client._wait(lambda: not events.empty(), None)
+            self._wait(lambda: not events.empty(), None)
             item = events.get_nowait()
             if item is _DONE:
                 _unwrap(self._p.outcome)
@@ -107,7 +110,7 @@ class JobHandle:
 
     def cancel(self, timeout: float = 10.0) -> dict:
         """Ask the coordinator to cancel this job; the job then ends with code `cancelled`."""
-        return self.client._request(lambda rid: Cancel(rid, self.id), timeout)
+        return self.client.cancel(self.id, timeout)
 
 
 def _unwrap(outcome) -> Any:
@@ -150,11 +153,15 @@ class Client:
         rid = next(self._ids)
         pending = self._register(rid)
         self._send(Submit(rid, pool, input, stream, timeout, retries))
-        return JobHandle(self, rid, pool, pending, timeout)
+        return JobHandle(self, rid, pool, pending, timeout, self._wait, self._pump)
 
     def run(self, pool: str, input: Any = None, *, timeout: float | None = None) -> Any:
         """submit(...).result(): the output, or RequestError."""
         return self.submit(pool, input, timeout=timeout).result(timeout)
+
+    def cancel(self, job_id: int, timeout: float = 10.0) -> dict:
+        """Cancel one of this client's unfinished jobs by its id; the job then ends with code `cancelled`."""
+        return self._request(lambda rid: Cancel(rid, job_id), timeout)
 
     def status(self) -> dict:
         return self._request(Status)

@@ -102,8 +102,8 @@ def _causal_tokenizer():
     tok = AutoTokenizer.from_pretrained(minilm_path())
     tok.bos_token, tok.eos_token = tok.cls_token, tok.sep_token
     cls = (tok.cls_token, tok.cls_token_id)
-    tok._tokenizer.post_processor = TemplateProcessing(single=f"{cls[0]} $A", pair=f"{cls[0]} $A $B",
-                                                       special_tokens=[cls])
+    tok.backend_tokenizer.post_processor = TemplateProcessing(single=f"{cls[0]} $A", pair=f"{cls[0]} $A $B",
+                                                             special_tokens=[cls])
     tok.chat_template = CHAT_TEMPLATE
     return tok
 

@@ -134,7 +134,7 @@ class Ticket:
             raise self._error
         return self._value
 
-    def _try_finish(self) -> bool:
+    def try_finish(self) -> bool:
         """Finish if the copy is done and no other thread is waiting on this ticket."""
         if not self._lock.acquire(blocking=False):
             return False
@@ -364,7 +364,7 @@ class TransferPool:
         """Finish in-flight tickets whose copies are done, including abandoned ones; how many."""
         with self._cond:
             tickets = list(self._in_flight.values())
-        finished = sum(t._try_finish() for t in tickets)
+        finished = sum(t.try_finish() for t in tickets)
         with self._cond:
             self._counts["reaped"] += finished
         return finished
