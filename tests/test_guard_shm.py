@@ -110,11 +110,16 @@ def test_a_mismatch_names_the_differing_rank_on_every_rank(tmp_path, transport):
     assert fps == r1["details"]["fingerprints"]
 
 
-def test_a_rank_that_never_arrives_is_named_after_the_timeout(tmp_path):
-    r0, r1 = run_ranks(tmp_path, "shm", ("same", "absent"))
+@pytest.mark.parametrize("transport", ["shm", "gloo"])
+def test_a_rank_that_never_arrives_is_named_after_the_timeout(tmp_path, transport):
+    """Both ranks pass step 1; rank 1 then stays alive but away, so rank 0's step 2 ends in
+    CollectiveMismatch after the guard timeout (2 s) instead of waiting forever."""
+    r0, r1 = run_ranks(tmp_path, transport, ("same", "absent"))
     assert r1["first"] is True
-    assert r0["error"] == "CollectiveMismatch" and r0["details"]["differing"] == [1]
-    assert "rank 1 (alive) did not all arrive" in r0["message"], r0["message"]
+    assert r0["error"] == "CollectiveMismatch" and r0["code"] == "collective_mismatch"
+    assert r0["details"]["differing"] == [1] and "did not all arrive" in r0["message"], r0["message"]
+    if transport == "shm":  # shared memory also knows the missing rank's process state
+        assert "rank 1 (alive) did not all arrive" in r0["message"], r0["message"]
     print(f"absent rank named after {r0['elapsed']:.2f} s (guard timeout 2 s)")
 
 

@@ -265,19 +265,25 @@ def test_tp_groups_stay_within_one_node_and_all_reduce(cluster, tmp_path, server
     assert {g["nodes"][0] for g in groups} == gpu_nodes()  # 2 GPUs per node: one group each
 
 
-@pytest.mark.slow
-def test_too_few_resources_is_a_clear_error_and_leaves_nothing(cluster, tmp_path):
+def serve_expecting_exit_2(tmp_path, cluster, placement_timeout: float, pools: str) -> tuple:
+    """Run `serve` on the cluster with `pools`, which cannot be placed: it must exit 2. Returns its run
+    directory's parent and the last line of its stderr (the error)."""
     run_parent = tmp_path / "runs"
     run_parent.mkdir()
     config = tmp_path / "serve.toml"
     config.write_text(f'[server]\nrun_dir = "{run_parent}"\n[cluster]\nray = "{cluster.address}"\n'
-                      f'worker_address = "127.0.0.1"\nplacement_timeout = 5.0\n'
-                      f'[pools.tp]\nhandler = "echo"\ndevices = "ray:6"\ntp = 3\n')
+                      f'worker_address = "127.0.0.1"\nplacement_timeout = {placement_timeout}\n' + pools)
     out = subprocess.run([sys.executable, "-m", "orchestrator", "serve", "--config", str(config)],
                          capture_output=True, text=True, timeout=120, env={**os.environ, "PYTHONPATH": REPO},
                          cwd=REPO)
     assert out.returncode == 2, out.stderr
-    last = out.stderr.strip().splitlines()[-1]
+    return run_parent, out.stderr.strip().splitlines()[-1]
+
+
+@pytest.mark.slow
+def test_too_few_resources_is_a_clear_error_and_leaves_nothing(cluster, tmp_path):
+    run_parent, last = serve_expecting_exit_2(tmp_path, cluster, 5.0,
+                                              '[pools.tp]\nhandler = "echo"\ndevices = "ray:6"\ntp = 3\n')
     assert "too few resources: asked for 2 slot(s) of 3 GPU on one node" in last, last
     assert "2 GPU, 2 CPU" in last  # what the cluster has, node by node
     assert not [pg for pg in ray.util.placement_group_table().values()
@@ -291,17 +297,7 @@ def test_placement_timeout_when_the_cluster_is_busy(cluster, tmp_path, servers):
     ready within placement_timeout, and serve stops with what was asked, leaving nothing placed."""
     busy = start(tmp_path / "busy", cluster, '[pools.env]\nhandler = "env"\ndevices = "ray:4"\n')
     servers.append(busy)
-    run_parent = tmp_path / "runs"
-    run_parent.mkdir()
-    config = tmp_path / "serve.toml"
-    config.write_text(f'[server]\nrun_dir = "{run_parent}"\n[cluster]\nray = "{cluster.address}"\n'
-                      f'worker_address = "127.0.0.1"\nplacement_timeout = 3.0\n'
-                      f'[pools.two]\nhandler = "echo"\ndevices = "ray:2"\n')
-    out = subprocess.run([sys.executable, "-m", "orchestrator", "serve", "--config", str(config)],
-                         capture_output=True, text=True, timeout=120, env={**os.environ, "PYTHONPATH": REPO},
-                         cwd=REPO)
-    assert out.returncode == 2, out.stderr
-    last = out.stderr.strip().splitlines()[-1]
+    _, last = serve_expecting_exit_2(tmp_path, cluster, 3.0, '[pools.two]\nhandler = "echo"\ndevices = "ray:2"\n')
     assert "asked for 2 slot(s) of 1 GPU on one node" in last and "not ready within 3 s" in last, last
     names = {pg.get("name") or "" for pg in ray.util.placement_group_table().values()
              if pg["state"] != "REMOVED"}
