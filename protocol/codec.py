@@ -156,7 +156,7 @@ class Codec:
         self._check_size(raw)
         if self.opaque_input:
             return self._unpack_envelope(raw)
-        d = self.unpack_value(raw)
+        d = self._unpackb(raw)
         if not isinstance(d, dict):
             raise MalformedMessage(f"message must be a map, got {type(d).__name__}")
         return d
@@ -164,14 +164,13 @@ class Codec:
     def unpack_value(self, raw: bytes) -> Any:
         """Any msgpack value (a job's input, on the worker), under the same limits."""
         self._check_size(raw)
+        return self._unpackb(raw)
+
+    def _unpackb(self, raw: bytes) -> Any:
         try:
             return msgpack.unpackb(raw, **self._unpack_kw)
-        except ValueError as e:
-            if "exceeds max_" in str(e) and "max_ext_len" not in str(e):  # ext types are refused
-                raise MessageTooLarge(f"message field too large: {e}") from None
-            raise MalformedMessage(_malformed_reason(e)) from None
         except Exception as e:  # msgpack raises several types for garbage (ExtraData, FormatError...)
-            raise MalformedMessage(f"undecodable message: {type(e).__name__}: {e}") from None
+            raise _decode_error(e) from None
 
     def _check_size(self, raw: bytes) -> None:
         if len(raw) > self.limits.max_message_bytes:
@@ -219,12 +218,8 @@ class Codec:
                     raise MalformedMessage(f"message keys must be strings, got {type(key).__name__}")
         except ProtocolError:
             raise
-        except ValueError as e:
-            if "exceeds max_" in str(e) and "max_ext_len" not in str(e):
-                raise MessageTooLarge(f"message field too large: {e}") from None
-            raise MalformedMessage(_malformed_reason(e)) from None
-        except Exception as e:  # OutOfData (truncated), a non-map top level (ValueError above)...
-            raise MalformedMessage(f"undecodable message: {type(e).__name__}: {e}") from None
+        except Exception as e:  # OutOfData (truncated), a field over a limit...
+            raise _decode_error(e) from None
         left = len(raw) - (unpacker.tell() - base)
         if left:
             raise MalformedMessage(f"undecodable message: {left} bytes after the map")
@@ -246,6 +241,16 @@ class Codec:
             why = "not a client request" if op in MESSAGES else "unknown op"
             raise UnknownOp(f"{why}: {op!r}", rid)
         return cls.from_wire(d, rid)
+
+
+def _decode_error(e: Exception) -> ProtocolError:
+    """The error for an exception msgpack raised while decoding: a field over a limit is too_large;
+    anything else (garbage, truncation, an ext type, a non-string key) is malformed."""
+    if isinstance(e, ValueError):
+        if "exceeds max_" in str(e) and "max_ext_len" not in str(e):  # ext types are refused, not too large
+            return MessageTooLarge(f"message field too large: {e}")
+        return MalformedMessage(_malformed_reason(e))
+    return MalformedMessage(f"undecodable message: {type(e).__name__}: {e}")
 
 
 def _malformed_reason(e: ValueError) -> str:
