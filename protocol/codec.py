@@ -122,7 +122,6 @@ class Codec:
     def __init__(self, limits: Limits | None = None, arrays: bool = False, opaque_input: bool = False,
                  accept: dict | None = None):
         self.limits = limits or Limits()
-        self.arrays = arrays
         self.opaque_input = opaque_input
         self._reused = None  # the envelope decoder's Unpacker for small messages (one thread per Codec)
         # op -> class this codec decodes; any other op is `unknown_op` (the client socket accepts only
