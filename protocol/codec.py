@@ -13,7 +13,7 @@ import msgpack
 from .errors import (
     BadField, MalformedMessage, MessageTooLarge, ProtocolError, UnknownOp, UnsupportedVersion,
 )
-from .messages import MESSAGES, PROTOCOL_VERSION, Message
+from .messages import MESSAGES, PROTOCOL_VERSION, Message, is_request_id
 
 NDARRAY_KEY = "__ndarray__"
 REUSE_MAX_BYTES = 64 * 1024  # envelopes up to this size are decoded by one reused Unpacker
@@ -68,7 +68,8 @@ class NDArray:
 
 
 def wire_default(obj: Any) -> Any:
-    """msgpack hook for types it does not know: arrays become NDArray maps, tuples lists."""
+    """msgpack hook for types it does not know: arrays become NDArray maps, sets lists (msgpack packs
+    tuples as lists itself)."""
     if isinstance(obj, NDArray):
         return obj.to_wire()
     if hasattr(obj, "__array_interface__") and hasattr(obj, "dtype"):
@@ -86,10 +87,6 @@ def array_hook(d: dict) -> Any:
     return d
 
 
-def _is_request_id(v: Any) -> bool:
-    return isinstance(v, (int, str, bytes)) and not isinstance(v, bool)
-
-
 def peek_id(raw: bytes, limits: Limits | None = None, max_keys: int = 64):
     """The request id of a message that cannot be decoded, or None: reads the top-level map's keys up
     to "id" and skips other values unbuilt, so an error reply still reaches the job that caused it
@@ -104,7 +101,7 @@ def peek_id(raw: bytes, limits: Limits | None = None, max_keys: int = 64):
             # A key that is a map or list raises here (container limits are 0): no id then, which is rare.
             if unpacker.unpack() == "id":
                 rid = unpacker.unpack()
-                return rid if _is_request_id(rid) else None
+                return rid if is_request_id(rid) else None
             unpacker.skip()
     except Exception:  # garbage or an odd id: the reply goes out with a null id
         return None
@@ -227,7 +224,7 @@ class Codec:
     @staticmethod
     def from_dict(d: dict, accept: dict | None = None) -> Message:
         rid = d.get("id")
-        rid = rid if _is_request_id(rid) else None
+        rid = rid if is_request_id(rid) else None
         v = d.get("v")
         if type(v) is not int or v != PROTOCOL_VERSION:  # True and 1.0 equal 1 in Python
             raise UnsupportedVersion(f"protocol version {v!r} not supported (server speaks "

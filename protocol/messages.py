@@ -22,7 +22,8 @@ PROTOCOL_VERSION = 1
 RequestId = int | str | bytes
 
 
-def _is_id(v: Any) -> bool:
+def is_request_id(v: Any) -> bool:
+    """Whether `v` can be a request id (int, str or bytes; a bool is not an int here)."""
     return (isinstance(v, int) and not isinstance(v, bool)) or isinstance(v, (str, bytes))
 
 
@@ -44,7 +45,7 @@ _CHECKS: dict[str, Callable[[Any], bool]] = {
     "dict": lambda v: isinstance(v, dict),
     "list": lambda v: isinstance(v, (list, tuple)),
     "bytes": lambda v: isinstance(v, bytes),
-    "RequestId": _is_id,
+    "RequestId": is_request_id,
 }
 
 
