@@ -14,14 +14,14 @@ import sys
 import zmq
 
 from protocol import Codec, JobError
-from protocol.errors import HANDLER_INIT_FAILED, LOAD_FAILED, UNKNOWN_HANDLER, WorkerFailure
+from protocol.errors import HANDLER_ERROR, HANDLER_INIT_FAILED, LOAD_FAILED, UNKNOWN_HANDLER, WorkerFailure
 from protocol.messages import WFatal
 from protocol.workerspec import DATA, WorkerSpec
 from worker.control import ControlState, ControlThread, connect
 from worker.handler import EventSink, Progress, WorkerContext
 from worker.handlers import resolve
 from worker.guard import GroupError
-from worker.runtime import ComputeLoop, Wakeup, outcome_error, short_traceback
+from worker.runtime import ComputeLoop, Wakeup, short_traceback
 from worker.stats import device_stats
 from worker.transfers import make_transfers
 
@@ -132,10 +132,12 @@ def fatal_report(exc: BaseException, loading: bool = False) -> tuple[str, str]:
     `handler_error`."""
     if isinstance(exc, WorkerFailure):
         return exc.code, exc.message
-    code, _ = outcome_error(exc)
+    if isinstance(exc, JobError):  # a GroupError (its own code), or a JobError raised outside any job
+        code, message = exc.code, exc.message
+    else:
+        code, message = HANDLER_ERROR, f"{type(exc).__name__}: {exc}"
     if loading and not isinstance(exc, GroupError):
         code = LOAD_FAILED
-    message = exc.message if isinstance(exc, JobError) else f"{type(exc).__name__}: {exc}"
     return code, message
 
 
