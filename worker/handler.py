@@ -50,8 +50,8 @@ class Progress:
 class EventSink:
     """Thread-safe outbox an EngineHandler reports through. The worker's compute loop drains it.
 
-    `notify` is set by the worker runtime and wakes its poll loop (an eventfd), so an event is sent
-    without waiting for a poll timeout.
+    `notify` wakes the compute loop's poll (worker/process.py passes its eventfd's `set`), so an event is
+    sent without waiting for a poll timeout.
     """
 
     def __init__(self, notify: Callable[[], None] = lambda: None):
