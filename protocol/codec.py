@@ -13,7 +13,7 @@ import msgpack
 from .errors import (
     BadField, MalformedMessage, MessageTooLarge, ProtocolError, UnknownOp, UnsupportedVersion,
 )
-from .messages import MESSAGES, PROTOCOL_VERSION, Message
+from .messages import MESSAGES, PROTOCOL_VERSION, Message, is_request_id
 
 NDARRAY_KEY = "__ndarray__"
 REUSE_MAX_BYTES = 64 * 1024  # envelopes up to this size are decoded by one reused Unpacker
@@ -68,7 +68,8 @@ class NDArray:
 
 
 def wire_default(obj: Any) -> Any:
-    """msgpack hook for types it does not know: arrays become NDArray maps, tuples lists."""
+    """msgpack hook for types it does not know: arrays become NDArray maps, sets lists (msgpack packs
+    tuples as lists itself)."""
     if isinstance(obj, NDArray):
         return obj.to_wire()
     if hasattr(obj, "__array_interface__") and hasattr(obj, "dtype"):
@@ -86,10 +87,6 @@ def array_hook(d: dict) -> Any:
     return d
 
 
-def _is_request_id(v: Any) -> bool:
-    return isinstance(v, (int, str, bytes)) and not isinstance(v, bool)
-
-
 def peek_id(raw: bytes, limits: Limits | None = None, max_keys: int = 64):
     """The request id of a message that cannot be decoded, or None: reads the top-level map's keys up
     to "id" and skips other values unbuilt, so an error reply still reaches the job that caused it
@@ -104,7 +101,7 @@ def peek_id(raw: bytes, limits: Limits | None = None, max_keys: int = 64):
             # A key that is a map or list raises here (container limits are 0): no id then, which is rare.
             if unpacker.unpack() == "id":
                 rid = unpacker.unpack()
-                return rid if _is_request_id(rid) else None
+                return rid if is_request_id(rid) else None
             unpacker.skip()
     except Exception:  # garbage or an odd id: the reply goes out with a null id
         return None
@@ -122,7 +119,6 @@ class Codec:
     def __init__(self, limits: Limits | None = None, arrays: bool = False, opaque_input: bool = False,
                  accept: dict | None = None):
         self.limits = limits or Limits()
-        self.arrays = arrays
         self.opaque_input = opaque_input
         self._reused = None  # the envelope decoder's Unpacker for small messages (one thread per Codec)
         # op -> class this codec decodes; any other op is `unknown_op` (the client socket accepts only
@@ -156,7 +152,7 @@ class Codec:
         self._check_size(raw)
         if self.opaque_input:
             return self._unpack_envelope(raw)
-        d = self.unpack_value(raw)
+        d = self._unpackb(raw)
         if not isinstance(d, dict):
             raise MalformedMessage(f"message must be a map, got {type(d).__name__}")
         return d
@@ -164,14 +160,13 @@ class Codec:
     def unpack_value(self, raw: bytes) -> Any:
         """Any msgpack value (a job's input, on the worker), under the same limits."""
         self._check_size(raw)
+        return self._unpackb(raw)
+
+    def _unpackb(self, raw: bytes) -> Any:
         try:
             return msgpack.unpackb(raw, **self._unpack_kw)
-        except ValueError as e:
-            if "exceeds max_" in str(e) and "max_ext_len" not in str(e):  # ext types are refused
-                raise MessageTooLarge(f"message field too large: {e}") from None
-            raise MalformedMessage(_malformed_reason(e)) from None
         except Exception as e:  # msgpack raises several types for garbage (ExtraData, FormatError...)
-            raise MalformedMessage(f"undecodable message: {type(e).__name__}: {e}") from None
+            raise _decode_error(e) from None
 
     def _check_size(self, raw: bytes) -> None:
         if len(raw) > self.limits.max_message_bytes:
@@ -219,12 +214,8 @@ class Codec:
                     raise MalformedMessage(f"message keys must be strings, got {type(key).__name__}")
         except ProtocolError:
             raise
-        except ValueError as e:
-            if "exceeds max_" in str(e) and "max_ext_len" not in str(e):
-                raise MessageTooLarge(f"message field too large: {e}") from None
-            raise MalformedMessage(_malformed_reason(e)) from None
-        except Exception as e:  # OutOfData (truncated), a non-map top level (ValueError above)...
-            raise MalformedMessage(f"undecodable message: {type(e).__name__}: {e}") from None
+        except Exception as e:  # OutOfData (truncated), a field over a limit...
+            raise _decode_error(e) from None
         left = len(raw) - (unpacker.tell() - base)
         if left:
             raise MalformedMessage(f"undecodable message: {left} bytes after the map")
@@ -233,7 +224,7 @@ class Codec:
     @staticmethod
     def from_dict(d: dict, accept: dict | None = None) -> Message:
         rid = d.get("id")
-        rid = rid if _is_request_id(rid) else None
+        rid = rid if is_request_id(rid) else None
         v = d.get("v")
         if type(v) is not int or v != PROTOCOL_VERSION:  # True and 1.0 equal 1 in Python
             raise UnsupportedVersion(f"protocol version {v!r} not supported (server speaks "
@@ -246,6 +237,16 @@ class Codec:
             why = "not a client request" if op in MESSAGES else "unknown op"
             raise UnknownOp(f"{why}: {op!r}", rid)
         return cls.from_wire(d, rid)
+
+
+def _decode_error(e: Exception) -> ProtocolError:
+    """The error for an exception msgpack raised while decoding: a field over a limit is too_large;
+    anything else (garbage, truncation, an ext type, a non-string key) is malformed."""
+    if isinstance(e, ValueError):
+        if "exceeds max_" in str(e) and "max_ext_len" not in str(e):  # ext types are refused, not too large
+            return MessageTooLarge(f"message field too large: {e}")
+        return MalformedMessage(_malformed_reason(e))
+    return MalformedMessage(f"undecodable message: {type(e).__name__}: {e}")
 
 
 def _malformed_reason(e: ValueError) -> str:

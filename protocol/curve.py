@@ -2,7 +2,7 @@
 
 A worker launched on another host (Ray mode) connects back over TCP to the coordinator's worker socket.
 That socket is a CURVE server with a key pair made for the run; each worker gets, in its spec, the
-server's public key and the run's worker key pair (Z85 text, so the spec stays plain JSON). Locally
+server's public key and the run's worker key pair (Z85 text: plain strings in the msgpack spec). Locally
 launched workers use the private ipc socket and carry no keys.
 """
 from __future__ import annotations

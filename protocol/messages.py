@@ -22,7 +22,8 @@ PROTOCOL_VERSION = 1
 RequestId = int | str | bytes
 
 
-def _is_id(v: Any) -> bool:
+def is_request_id(v: Any) -> bool:
+    """Whether `v` can be a request id (int, str or bytes; a bool is not an int here)."""
     return (isinstance(v, int) and not isinstance(v, bool)) or isinstance(v, (str, bytes))
 
 
@@ -44,7 +45,7 @@ _CHECKS: dict[str, Callable[[Any], bool]] = {
     "dict": lambda v: isinstance(v, dict),
     "list": lambda v: isinstance(v, (list, tuple)),
     "bytes": lambda v: isinstance(v, bytes),
-    "RequestId": _is_id,
+    "RequestId": is_request_id,
 }
 
 
@@ -59,6 +60,16 @@ def field_check(annotation: str) -> tuple[Callable[[Any], bool], bool]:
     if len(checks) == 1:  # the usual case: no closure or generator per field on the decode hot path
         return checks[0], nullable
     return (lambda v: any(c(v) for c in checks)), nullable
+
+
+def field_specs(cls) -> list[tuple]:
+    """(name, check, nullable, required) for each field of a dataclass; required: it has no default."""
+    specs = []
+    for f in dataclasses.fields(cls):
+        check, nullable = field_check(f.type if isinstance(f.type, str) else f.type.__name__)
+        required = f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING
+        specs.append((f.name, check, nullable, required))
+    return specs
 
 
 @dataclass(slots=True)
@@ -114,14 +125,10 @@ def register(cls: type[Message]) -> type[Message]:
     """Add a message class to the registry, precomputing its field checkers."""
     if cls.OP in MESSAGES:
         raise ValueError(f"duplicate op {cls.OP!r}")
-    specs, required = [], set()
-    for f in dataclasses.fields(cls):
-        check, nullable = field_check(f.type if isinstance(f.type, str) else f.type.__name__)
-        if f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING:
-            required.add(f.name)
-        specs.append((f.name, check, nullable, f.name in required or f.name in cls.ALWAYS_SENT))
-    cls._FIELDS = tuple(specs)
-    cls._REQUIRED = frozenset(required)
+    specs = field_specs(cls)
+    cls._FIELDS = tuple((name, check, nullable, required or name in cls.ALWAYS_SENT)
+                        for name, check, nullable, required in specs)
+    cls._REQUIRED = frozenset(name for name, _check, _nullable, required in specs if required)
     cls._NAMES = frozenset(["v", "op", *(s[0] for s in specs)])
     MESSAGES[cls.OP] = cls
     return cls

@@ -21,7 +21,7 @@ import msgpack
 from .codec import Limits
 from .curve import CurveClientKeys
 from .errors import BadField
-from .messages import field_check
+from .messages import field_specs
 
 GUARD_TIMEOUT_S = 5.0  # a TP rank waits this long for the others at a collective guard step
 CONTROL, DATA = "c", "d"  # a worker's two sockets: heartbeats/cancel/stop, and jobs
@@ -113,13 +113,5 @@ class WorkerSpec:
         return spec
 
 
-def _field_table() -> dict:
-    table = {}
-    for f in dataclasses.fields(WorkerSpec):
-        check, nullable = field_check(f.type)
-        required = f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING
-        table[f.name] = (check, nullable, required)
-    return table
-
-
-_FIELDS = _field_table()
+# name -> (check, nullable, required), as messages are checked.
+_FIELDS = {name: (check, nullable, required) for name, check, nullable, required in field_specs(WorkerSpec)}

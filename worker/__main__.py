@@ -21,7 +21,6 @@ from protocol import ProtocolError
 from protocol.workerspec import WorkerSpec
 
 PR_SET_PDEATHSIG = 1
-EXIT_LOAD_FAILED = 4
 
 
 def die_with_parent(parent_pid: int) -> None:

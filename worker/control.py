@@ -23,6 +23,15 @@ from worker.handler import Progress
 log = logging.getLogger("worker.control")
 
 
+def connect(sock: zmq.Socket, spec: WorkerSpec, which: str) -> zmq.Socket:
+    """Connect one of this worker's sockets (`which`: CONTROL or DATA) to the coordinator, under its
+    routing id and, in Ray mode, with the run's CURVE keys. Set any other socket option before."""
+    sock.setsockopt(zmq.ROUTING_ID, spec.routing_id(which))
+    curve.apply_client(sock, spec.curve_keys())
+    sock.connect(spec.endpoint)
+    return sock
+
+
 class ControlState:
     """What the coordinator told this worker on the control socket, for the threads that act on it (the
     compute loop, a TP follower). Made first, so that every part of the worker can be built complete
@@ -64,9 +73,7 @@ class ControlThread(threading.Thread):
         spec = self.spec
         sock = self.zctx.socket(zmq.DEALER)
         sock.setsockopt(zmq.LINGER, 0)
-        sock.setsockopt(zmq.ROUTING_ID, spec.routing_id(CONTROL))
-        curve.apply_client(sock, spec.curve_keys())
-        sock.connect(spec.endpoint)
+        connect(sock, spec, CONTROL)
         sock.send(self.codec.encode(WHello(spec.wid, spec.incarnation, os.getpid(), spec.rank)))
         return sock
 

@@ -30,6 +30,7 @@ from dataclasses import dataclass
 from datetime import timedelta
 
 from protocol.errors import COLLECTIVE_MISMATCH, LOAD_FAILED, WORKER_CRASHED, JobError
+from worker.shm_guard import TEXT_BYTES, Missing, ShmExchange  # stdlib only: no torch
 
 log = logging.getLogger("worker.guard")
 
@@ -162,7 +163,6 @@ class GlooTransport:
         pass
 
 
-TEXT_BYTES = 1024  # a readable fingerprint is cut to this many bytes (error path only)
 TRANSPORTS = ("auto", "shm", "gloo")
 
 
@@ -220,8 +220,6 @@ class CollectiveGuard:
     def _open_shm(self, gloo: GlooTransport):
         import secrets
 
-        from worker.shm_guard import ShmExchange
-
         token = secrets.randbits(62) if self.rank == 0 else 0
         rows = gloo.exchange(0, [host_key(), token], self.timeout)
         token = rows[0][1]
@@ -251,8 +249,6 @@ class CollectiveGuard:
     # ------------------------------------------------------------------ one step
 
     def _exchange(self, step: int, batch: Batch | None) -> list:
-        from worker.shm_guard import Missing
-
         try:
             return self.transport.exchange(step, row(step, batch), self.timeout)
         except Missing as e:
@@ -262,29 +258,32 @@ class CollectiveGuard:
 
     def _missing(self, step: int, batch: Batch | None, exc) -> GroupError:
         """The shared-memory wait ended without some ranks: dead (found at once) or absent past the timeout."""
-        fps = [describe(step, batch) if r == self.rank else None for r in range(self.world_size)]
-        if exc.dead:
-            msg = (f"collective guard step {step}: lost a peer: {exc} exited before the step; "
-                   f"rank {self.rank}: {describe(step, batch)}")
-        else:
-            msg = (f"collective guard step {step}: rank {self.rank} waited {self.timeout:g} s and {exc} did not "
-                   f"all arrive (dead, stopped or stuck); rank {self.rank}: {describe(step, batch)}")
+        if not exc.dead:
+            return self._absent(step, batch, str(exc), list(exc.missing))
+        msg = (f"collective guard step {step}: lost a peer: {exc} exited before the step; "
+               f"rank {self.rank}: {describe(step, batch)}")
         log.error("%s", msg)
-        return CollectiveMismatch(msg, step, fps, list(exc.missing))
+        return CollectiveMismatch(msg, step, self._own_fingerprint(step, batch), list(exc.missing))
 
     def _lost(self, step: int, batch: Batch | None, exc: Exception) -> GroupError:
         others = [r for r in range(self.world_size) if r != self.rank]
         text = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
         if "timed out" in text.lower() or "timeout" in text.lower():
-            fps = [describe(step, batch) if r == self.rank else None for r in range(self.world_size)]
-            msg = (f"collective guard step {step}: rank {self.rank} waited {self.timeout:g} s and rank(s) "
-                   f"{others} did not all arrive (dead, stopped or stuck); rank {self.rank}: "
-                   f"{describe(step, batch)}")
-            log.error("%s", msg)
-            return CollectiveMismatch(msg, step, fps, others)
+            return self._absent(step, batch, f"rank(s) {others}", others)
         msg = f"collective guard step {step}: lost a peer rank of {others}: {text}"
         log.error("%s", msg)
         return GroupError(msg)
+
+    def _absent(self, step: int, batch: Batch | None, who: str, missing: list) -> CollectiveMismatch:
+        """The exchange timed out: `who` (the ranks in `missing`) never arrived."""
+        msg = (f"collective guard step {step}: rank {self.rank} waited {self.timeout:g} s and {who} did not "
+               f"all arrive (dead, stopped or stuck); rank {self.rank}: {describe(step, batch)}")
+        log.error("%s", msg)
+        return CollectiveMismatch(msg, step, self._own_fingerprint(step, batch), missing)
+
+    def _own_fingerprint(self, step: int, batch: Batch | None) -> list:
+        """The fingerprints known after a failed exchange: only this rank's."""
+        return [describe(step, batch) if r == self.rank else None for r in range(self.world_size)]
 
     def _mismatch(self, step: int, batch: Batch | None, rows: list, differing: list) -> CollectiveMismatch:
         fps = self._readable(step, batch, rows)

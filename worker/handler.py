@@ -10,8 +10,8 @@ Two shapes:
   jobs and sends each outcome. `run(job)` may return the output, or return a generator: every yielded
   item is one stream chunk and the generator's ``return`` value is the final output.
 - `EngineHandler` (asynchronous, e.g. continuous batching with its own thread). The compute thread
-  calls `add(job)` / `cancel(jid)` and the engine reports through `ctx.sink` (thread-safe) whenever it
-  has chunks, results or errors.
+  calls `add_many(jobs)` (by default `add(job)` for each) and `cancel(jid)`; the engine reports through
+  `ctx.sink` (thread-safe) whenever it has chunks, results or errors.
 
 A handler fails one job by raising `JobError(code, message)` (for example `invalid_input`); any other
 exception fails that job with `handler_error` and a short traceback. The worker keeps serving either way.
@@ -50,8 +50,8 @@ class Progress:
 class EventSink:
     """Thread-safe outbox an EngineHandler reports through. The worker's compute loop drains it.
 
-    `notify` is set by the worker runtime and wakes its poll loop (an eventfd), so an event is sent
-    without waiting for a poll timeout.
+    `notify` wakes the compute loop's poll (worker/process.py passes its eventfd's `set`), so an event is
+    sent without waiting for a poll timeout.
     """
 
     def __init__(self, notify: Callable[[], None] = lambda: None):

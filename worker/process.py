@@ -13,15 +13,15 @@ import sys
 
 import zmq
 
-from protocol import Codec, JobError, curve
-from protocol.errors import HANDLER_INIT_FAILED, LOAD_FAILED, UNKNOWN_HANDLER, WorkerFailure
+from protocol import Codec, JobError
+from protocol.errors import HANDLER_ERROR, HANDLER_INIT_FAILED, LOAD_FAILED, UNKNOWN_HANDLER, WorkerFailure
 from protocol.messages import WFatal
 from protocol.workerspec import DATA, WorkerSpec
-from worker.control import ControlState, ControlThread
+from worker.control import ControlState, ControlThread, connect
 from worker.handler import EventSink, Progress, WorkerContext
 from worker.handlers import resolve
 from worker.guard import GroupError
-from worker.runtime import ComputeLoop, Wakeup, outcome_error, short_traceback
+from worker.runtime import ComputeLoop, Wakeup, short_traceback
 from worker.stats import device_stats
 from worker.transfers import make_transfers
 
@@ -132,10 +132,12 @@ def fatal_report(exc: BaseException, loading: bool = False) -> tuple[str, str]:
     `handler_error`."""
     if isinstance(exc, WorkerFailure):
         return exc.code, exc.message
-    code, _ = outcome_error(exc)
+    if isinstance(exc, JobError):  # a GroupError (its own code), or a JobError raised outside any job
+        code, message = exc.code, exc.message
+    else:
+        code, message = HANDLER_ERROR, f"{type(exc).__name__}: {exc}"
     if loading and not isinstance(exc, GroupError):
         code = LOAD_FAILED
-    message = exc.message if isinstance(exc, JobError) else f"{type(exc).__name__}: {exc}"
     return code, message
 
 
@@ -151,10 +153,7 @@ def _fatal(zctx: zmq.Context, sock, spec: WorkerSpec, state: ControlState, exc: 
     details = {"traceback": short_traceback(cause, limit=12)} if cause is not None else None
     log.error("fatal: %s: %s", code, message)
     if sock is None:  # failed before the data socket existed: one with the data socket's routing id
-        sock = zctx.socket(zmq.DEALER)
-        sock.setsockopt(zmq.ROUTING_ID, spec.routing_id(DATA))
-        curve.apply_client(sock, spec.curve_keys())
-        sock.connect(spec.endpoint)
+        sock = connect(zctx.socket(zmq.DEALER), spec, DATA)
     sock.send(Codec().encode(WFatal(spec.wid, spec.incarnation, code, message[-4000:], details)))
     sock.close(linger=1000)  # the context's term() waits up to 1 s for the reason to be delivered
     sys.stderr.flush()

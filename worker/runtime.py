@@ -15,12 +15,12 @@ from collections import deque
 import psutil
 import zmq
 
-from protocol import Codec, JobError, ProtocolError, curve
+from protocol import Codec, JobError, ProtocolError
 from protocol.codec import INTERNAL_LIMITS
 from protocol.errors import CANCELLED, HANDLER_ERROR, WORKER_CRASHED
 from protocol.messages import WChunk, WError, WReady, WResult, WRun
 from protocol.workerspec import DATA, WorkerSpec
-from worker.control import ControlState
+from worker.control import ControlState, connect
 from worker.guard import GroupError
 from worker.handler import EngineHandler, Handler, Job, Progress
 
@@ -131,10 +131,7 @@ class ComputeLoop:
         sock.setsockopt(zmq.LINGER, 2000)  # let final results flush on a graceful stop
         sock.setsockopt(zmq.SNDHWM, 0)  # never drop a result because a queue filled
         sock.setsockopt(zmq.RCVHWM, 0)
-        sock.setsockopt(zmq.ROUTING_ID, self.spec.routing_id(DATA))
-        curve.apply_client(sock, self.spec.curve_keys())
-        sock.connect(self.spec.endpoint)
-        return sock
+        return connect(sock, self.spec, DATA)
 
     def send(self, msg) -> None:
         self.sock.send(self.codec.encode(msg))

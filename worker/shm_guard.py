@@ -208,6 +208,3 @@ class ShmExchange:
         if rank not in self._pids:  # written once at attach: every rank mapped before the first step
             self._pids[rank] = PID.unpack_from(self.buf, rank * SLOT + PID_AT)[0]
         return self._pids[rank]
-
-    def pids(self) -> list:
-        return [self._pid(r) for r in range(self.world_size)]

@@ -93,8 +93,8 @@ class _Buffer:
 @dataclass
 class _Lease:
     stream: Any
-    events: list
-    buffer: _Buffer | None
+    events: list  # [done, ready]: recorded after the copy on its stream, and on the compute stream before
+    buffer: _Buffer
     released: bool = False
 
 
@@ -241,7 +241,7 @@ class TransferPool:
         `compute_stream` is the stream that wrote `tensor`: the copy waits on an event recorded there,
         so it reads the final values.
         """
-        lease = self._acquire(events=2)
+        lease = self._acquire()
         try:
             ready = lease.events[1]
             if not tensor.is_contiguous():
@@ -266,7 +266,7 @@ class TransferPool:
 
         if tensor.device.type != "cpu":
             raise ValueError(f"to_device needs a host tensor, got one on {tensor.device}")
-        lease = self._acquire(events=2)
+        lease = self._acquire()
         try:
             staging = lease.buffer.view(tensor, self._ops.alloc_host, self.pinned)
             staging.copy_(tensor)  # a host copy, so the caller may reuse `tensor` at once
@@ -304,16 +304,17 @@ class TransferPool:
 
     # bookkeeping
 
-    def _acquire(self, *, streams: int = 1, events: int = 2, buffers: int = 1) -> _Lease:
-        """Take all the resources a transfer needs at once, so no thread holds some while waiting."""
+    def _acquire(self) -> _Lease:
+        """Take all the resources a transfer needs (a stream, two events, a buffer) at once, so no thread
+        holds some while waiting."""
         deadline = time.monotonic() + self.acquire_timeout
         delay = 1e-4
         while True:
             with self._cond:
                 if self._state is not PoolState.STARTED:
                     raise RuntimeError(f"TransferPool is {self._state.value}; call start() first")
-                if self._fits(streams, events, buffers):
-                    return self._take(streams, events, buffers)
+                if self._fits():
+                    return self._take()
             if self.reap():
                 continue
             left = deadline - time.monotonic()
@@ -323,16 +324,12 @@ class TransferPool:
                 self._cond.wait(min(delay, left))
             delay = min(2 * delay, 2e-3)
 
-    def _fits(self, streams: int, events: int, buffers: int) -> bool:
-        return (len(self._free_streams) >= streams and len(self._free_events) >= events
-                and len(self._free_buffers) >= buffers)
+    def _fits(self) -> bool:
+        return bool(self._free_streams) and len(self._free_events) >= 2 and bool(self._free_buffers)
 
-    def _take(self, streams: int, events: int, buffers: int) -> _Lease:
-        return _Lease(
-            stream=self._free_streams.pop() if streams else None,
-            events=[self._free_events.pop() for _ in range(events)],
-            buffer=self._free_buffers.pop() if buffers else None,
-        )
+    def _take(self) -> _Lease:
+        return _Lease(stream=self._free_streams.pop(), events=[self._free_events.pop() for _ in range(2)],
+                      buffer=self._free_buffers.pop())
 
     def _release(self, lease: _Lease, failed: bool = False) -> None:
         with self._cond:
@@ -340,11 +337,9 @@ class TransferPool:
                 return
             lease.released = True
             if self._state is PoolState.STARTED:
-                if lease.stream is not None:
-                    self._free_streams.append(lease.stream)
+                self._free_streams.append(lease.stream)
                 self._free_events.extend(lease.events)
-                if lease.buffer is not None:
-                    self._free_buffers.append(lease.buffer)
+                self._free_buffers.append(lease.buffer)
             self._counts["failures"] += failed
             self._cond.notify_all()
 
