@@ -62,8 +62,11 @@ config = {{ model = "{llama_dir}", max_new_tokens_cap = 256 }}
 def start_server(config: str, workdir: str) -> tuple[subprocess.Popen, str, str]:
     log_path = os.path.join(workdir, "serve.log")
     log = open(log_path, "wb")
+    # Both of the demo's models are on this machine (the bundled MiniLM, a tiny Llama built here): the hub
+    # is never needed, and on a machine without network nothing should try it.
+    env = {**os.environ, "HF_HUB_OFFLINE": os.environ.get("HF_HUB_OFFLINE", "1")}
     proc = subprocess.Popen([sys.executable, "-m", "orchestrator", "serve", "--config", config,
-                             "--address", "tcp://127.0.0.1:0"], stdout=log, stderr=subprocess.STDOUT)
+                             "--address", "tcp://127.0.0.1:0"], stdout=log, stderr=subprocess.STDOUT, env=env)
     deadline = time.monotonic() + 60
     while time.monotonic() < deadline:
         if proc.poll() is not None:

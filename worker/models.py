@@ -15,8 +15,6 @@ import re
 
 from protocol.errors import MODEL_NOT_FOUND, ConfigError, WorkerFailure
 
-os.environ.setdefault("HF_HUB_OFFLINE", "1")  # the bundled models load offline; never reach the hub
-
 CHAT_TEMPLATE = (
     "{% for m in messages %}{{ m['role'] }}: {{ m['content'] }}\n{% endfor %}"
     "{% if add_generation_prompt %}assistant:{% endif %}"
@@ -121,6 +119,10 @@ def _load_as_plain_fast_tokenizer(path: str) -> None:
 
 def main(argv: list | None = None) -> int:
     import argparse
+
+    # This command builds from the bundled MiniLM alone: it never needs the hub. (Set here, not on import:
+    # every generate worker imports this module, and a pool whose model is a hub id must be able to fetch.)
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
     parser = argparse.ArgumentParser(prog="python -m worker.models")
     parser.add_argument("kind", choices=["tiny-llama"])
