@@ -447,6 +447,17 @@ def test_non_loopback_http_needs_a_key_or_insecure(tmp_path):
     assert out.returncode == 2 and "cannot bind HTTP" in out.stderr
 
 
+def test_a_mistyped_http_table_is_one_line_and_exit_2(tmp_path):
+    """A wrong TOML type is a config error (one line, exit 2), not a traceback from deep in startup."""
+    for table, says in [('[http]\nport = 0\nhost = 3\n', "[http]: host must be a string, got 3"),
+                        ('http = 3\n', "[http] must be a table, got 3")]:
+        cfg = tmp_path / "serve.toml"
+        cfg.write_text(table)
+        out = _serve_once(["--config", str(cfg)])
+        assert out.returncode == 2 and says in out.stderr, out.stderr
+        assert len(out.stderr.strip().splitlines()) == 1, out.stderr
+
+
 def test_gateway_dies_with_a_killed_coordinator(tmp_path):
     server = Server(tmp_path, ["--handler", "echo", "--devices", "cpu:1", "--http-port", "0"]).start(timeout=WAIT)
     try:
