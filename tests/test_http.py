@@ -21,7 +21,7 @@ import openai
 import psutil
 import pytest
 
-from orchestrator import wait_ready
+from orchestrator import RequestError, wait_ready
 from tests.conftest import REPO, Server, poll_until
 from tests.model_fixtures import make_tiny_llama
 
@@ -396,6 +396,16 @@ def test_job_timeout_is_504(edge):
     r = httpx.post(edge.url + "/v1/completions", json={"model": "gen", "prompt": "go on", "max_tokens": LONG},
                    headers=_auth(), timeout=WAIT)
     assert r.status_code == 504 and r.json()["error"]["code"] == "timeout", r.text[:300]
+
+
+def test_the_zmq_clients_run_gets_the_same_timeout_code(edge):
+    """Client.run(timeout=S) ends with the server's `timeout` error (HTTP's 504), not with a client-side
+    TimeoutError that raced it."""
+    poll_until(lambda: _idle(edge), WAIT, what="gen to be idle")
+    with pytest.raises(RequestError) as e:
+        edge.client().run("gen", {"prompt": "go on", "max_new_tokens": LONG}, timeout=2.0)
+    assert e.value.code == "timeout"
+    poll_until(lambda: _idle(edge), WAIT, what="gen to be idle again")
 
 
 def test_draining_is_503_then_the_gateway_stops_with_serve(edge):
