@@ -209,6 +209,13 @@ def test_error_statuses(api, body, status, code):
     assert err["code"] == code and err["message"] and err["type"]
 
 
+def test_unknown_route_and_method_are_client_errors(api):
+    r = httpx.get(api.url + "/v1/nope", timeout=WAIT)
+    assert r.status_code == 404 and r.json()["error"]["type"] == "not_found_error", r.text
+    r = httpx.get(api.url + "/v1/completions", timeout=WAIT)
+    assert r.status_code == 405 and r.json()["error"]["type"] == "invalid_request_error", r.text
+
+
 def test_error_statuses_reach_the_sdk_as_its_exceptions(api, sdk):
     with pytest.raises(openai.NotFoundError) as info:
         sdk.completions.create(model="nope", prompt="x")
