@@ -134,6 +134,10 @@ def _build(cls, data, where: str):
     return cls(**data)
 
 
+def _pool(name: str, body, where: str) -> PoolConfig:
+    return _build(PoolConfig, {"name": name, **_table(body, where)}, where)
+
+
 def load_toml(path: str) -> ServerConfig:
     """Read a server config file: top-level [server] keys, [limits], [cluster] (Ray mode), and one
     [pools.NAME] table each."""
@@ -147,9 +151,8 @@ def load_toml(path: str) -> ServerConfig:
     _check(ServerConfig, cluster, f"{path} [cluster]", CLUSTER_KEYS)
     server.update({CLUSTER_KEYS[k]: v for k, v in cluster.items()})
     server["limits"] = _build(Limits, data.get("limits", {}), f"{path} [limits]")
-    pools = [_build(PoolConfig, {"name": name, **_table(body, where)}, where)
-             for name, body in _table(data.get("pools", {}), f"{path} [pools]").items()
-             for where in [f"{path} [pools.{name}]"]]
+    pools = [_pool(name, body, f"{path} [pools.{name}]")
+             for name, body in _table(data.get("pools", {}), f"{path} [pools]").items()]
     server["pools"] = pools
     server["http"] = _build(HttpConfig, data.get("http", {}), f"{path} [http]")
     return _build(ServerConfig, server, f"{path} [server]")
