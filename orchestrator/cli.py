@@ -155,8 +155,8 @@ def cmd_serve(args) -> int:
         endpoint = coord.start()
     except (InsecureBind, ValueError) as e:
         coord.shutdown()
+        print(f"orchestrator serve: {e}", file=sys.stderr, flush=True)  # first, before the held log lines
         held.release_held()
-        print(f"orchestrator serve: {e}", file=sys.stderr)
         return EXIT_USAGE
     print(f"endpoint: {endpoint}", flush=True)
     for pool in coord.pools.values():

@@ -156,8 +156,9 @@ class Client:
         return JobHandle(self, rid, pool, pending, timeout, self._wait, self._pump)
 
     def run(self, pool: str, input: Any = None, *, timeout: float | None = None) -> Any:
-        """submit(...).result(): the output, or RequestError."""
-        return self.submit(pool, input, timeout=timeout).result(timeout)
+        """submit(...).result(): the output, or RequestError (code `timeout` once the job's own `timeout`
+        passes: the wait allows the reply a grace period, as result() does)."""
+        return self.submit(pool, input, timeout=timeout).result()
 
     def cancel(self, job_id: int, timeout: float = 10.0) -> dict:
         """Cancel one of this client's unfinished jobs by its id; the job then ends with code `cancelled`."""

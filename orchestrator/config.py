@@ -91,12 +91,51 @@ class ServerConfig:
 CLUSTER_KEYS = {"ray": "ray", "worker_address": "worker_address", "placement_timeout": "placement_timeout"}
 
 
-def _build(cls, data: dict, where: str):
-    names = {f.name for f in dataclasses.fields(cls)}
-    unknown = set(data) - names
+# TOML value types per field annotation (a string here: `from __future__ import annotations`). A float key
+# takes an integer too (`hb_timeout = 3`); no numeric key takes a boolean.
+_TOML_TYPES = {"int": ((int,), "an integer"), "float": ((int, float), "a number"), "str": ((str,), "a string"),
+               "bool": ((bool,), "true or false"), "dict": ((dict,), "a table"), "None": ((type(None),), "")}
+
+
+def _type_error(f: dataclasses.Field, value) -> str | None:
+    """Why `value` cannot be field `f`; None when it can, or when `f` is a nested table we fill ourselves."""
+    names = [n.strip() for n in (f.type.__name__ if isinstance(f.type, type) else str(f.type)).split("|")]
+    if any(n not in _TOML_TYPES for n in names):
+        return None
+    allowed = tuple(t for n in names for t in _TOML_TYPES[n][0])
+    if isinstance(value, allowed) and not (isinstance(value, bool) and bool not in allowed):
+        return None
+    wanted = " or ".join(_TOML_TYPES[n][1] for n in names if n != "None")
+    return f"{f.name} must be {wanted}, got {value!r}"
+
+
+def _table(value, where: str) -> dict:
+    if not isinstance(value, dict):
+        raise ValueError(f"{where} must be a table, got {value!r}")
+    return value
+
+
+def _check(cls, data, where: str, allowed: dict | None = None) -> None:
+    """Raise ValueError naming `where` for a key that is not a field of `cls` (or not in `allowed`, the
+    table's key -> field map) or a value of the wrong type."""
+    fields = {f.name: f for f in dataclasses.fields(cls)}
+    allowed = allowed or {name: name for name in fields}
+    unknown = set(_table(data, where)) - set(allowed)
     if unknown:
-        raise ValueError(f"{where}: unknown key(s) {sorted(unknown)}; allowed: {sorted(names)}")
+        raise ValueError(f"{where}: unknown key(s) {sorted(unknown)}; allowed: {sorted(allowed)}")
+    for key, value in data.items():
+        problem = _type_error(fields[allowed[key]], value)
+        if problem:
+            raise ValueError(f"{where}: {problem}")
+
+
+def _build(cls, data, where: str):
+    _check(cls, data, where)
     return cls(**data)
+
+
+def _pool(name: str, body, where: str) -> PoolConfig:
+    return _build(PoolConfig, {"name": name, **_table(body, where)}, where)
 
 
 def load_toml(path: str) -> ServerConfig:
@@ -107,15 +146,13 @@ def load_toml(path: str) -> ServerConfig:
     unknown = set(data) - {"server", "limits", "pools", "cluster", "http"}
     if unknown:
         raise ValueError(f"{path}: unknown table(s) {sorted(unknown)}")
-    server = dict(data.get("server", {}))
+    server = dict(_table(data.get("server", {}), f"{path} [server]"))
     cluster = data.get("cluster", {})
-    unknown = set(cluster) - set(CLUSTER_KEYS)
-    if unknown:
-        raise ValueError(f"{path} [cluster]: unknown key(s) {sorted(unknown)}; allowed: {sorted(CLUSTER_KEYS)}")
+    _check(ServerConfig, cluster, f"{path} [cluster]", CLUSTER_KEYS)
     server.update({CLUSTER_KEYS[k]: v for k, v in cluster.items()})
     server["limits"] = _build(Limits, data.get("limits", {}), f"{path} [limits]")
-    pools = [_build(PoolConfig, {"name": name, **body}, f"{path} [pools.{name}]")
-             for name, body in data.get("pools", {}).items()]
+    pools = [_pool(name, body, f"{path} [pools.{name}]")
+             for name, body in _table(data.get("pools", {}), f"{path} [pools]").items()]
     server["pools"] = pools
     server["http"] = _build(HttpConfig, data.get("http", {}), f"{path} [http]")
     return _build(ServerConfig, server, f"{path} [server]")

@@ -50,11 +50,21 @@ def is_local(address: str) -> bool:
         return True
     if scheme != "tcp":
         return False
-    host = rest.rsplit(":", 1)[0].strip("[]")
+    return is_loopback_host(rest.rsplit(":", 1)[0])
+
+
+def is_loopback_host(host: str) -> bool:
+    """True for a loopback host (the client socket's, or the HTTP gateway's bind host).
+
+    >>> is_loopback_host("127.0.0.1"), is_loopback_host("[::1]"), is_loopback_host("localhost")
+    (True, True, True)
+    >>> is_loopback_host("0.0.0.0"), is_loopback_host("10.1.2.3"), is_loopback_host("myhost")
+    (False, False, False)
+    """
     if host == "localhost":
         return True
     try:
-        return ipaddress.ip_address(host).is_loopback
+        return ipaddress.ip_address(host.strip("[]")).is_loopback
     except ValueError:
         return False  # an interface name or hostname: treat as exposed
 

@@ -7,6 +7,7 @@
 """
 from __future__ import annotations
 
+import collections
 import json
 import os
 import signal
@@ -62,6 +63,31 @@ def finish(data: dict, errors: dict, path: str | None, default_name: str) -> Non
         print(f"ERROR in {name}: {err[-600:]}")
     for target in write_json(data, path, default_name):
         print(f"wrote {target}")
+
+
+def run_latency(client, pool: str, payload, n: int, timeout: float | None = None) -> list:
+    """Seconds per job for `n` jobs run one at a time (`client.run`)."""
+    out = []
+    for _ in range(n):
+        t0 = time.perf_counter()
+        client.run(pool, payload, timeout=timeout)
+        out.append(time.perf_counter() - t0)
+    return out
+
+
+def run_pipelined(client, payload, n: int, window: int, pool: str = "echo") -> float:
+    """Echo jobs/s: a window of submit()s, then result()s oldest first, topping the window up as they
+    finish; each output is checked against `payload`."""
+    handles: collections.deque = collections.deque()
+    t0, sent = time.perf_counter(), 0
+    while sent < n or handles:
+        while sent < n and len(handles) < window:
+            handles.append(client.submit(pool, payload))
+            sent += 1
+        out = handles.popleft().result(60)
+        if out != payload:
+            raise AssertionError(f"echo returned {out!r}")
+    return n / (time.perf_counter() - t0)
 
 
 def require_gpus(n: int, what: str) -> int:

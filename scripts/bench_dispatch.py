@@ -32,7 +32,7 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _bench_common import Serve, fmt_table, pct, write_json  # noqa: E402
+from _bench_common import Serve, fmt_table, pct, run_latency, run_pipelined, write_json  # noqa: E402
 
 import zmq  # noqa: E402
 
@@ -155,32 +155,6 @@ class Floor:
 # ------------------------------------------------------------------------------------ the orchestrator
 
 
-def orch_latency(client: Client, n: int) -> list:
-    out = []
-    for _ in range(n):
-        t0 = time.perf_counter()
-        client.run("echo", PAYLOAD)
-        out.append(time.perf_counter() - t0)
-    return out
-
-
-def orch_pipelined_sync(client: Client, n: int, window: int) -> float:
-    """A window of submit()s, then result()s oldest first, topping the window up as they finish."""
-    from collections import deque
-
-    handles: deque = deque()
-    t0 = time.perf_counter()
-    sent = 0
-    while sent < n or handles:
-        while sent < n and len(handles) < window:
-            handles.append(client.submit("echo", PAYLOAD))
-            sent += 1
-        out = handles.popleft().result(60)
-        if out != PAYLOAD:
-            raise AssertionError(f"echo returned {out!r}")
-    return n / (time.perf_counter() - t0)
-
-
 async def _async_pipelined(address: str, n: int, window: int) -> float:
     """The sync figure's pattern with the asyncio client: a window of submit()s, then result()s oldest
     first, topping the window up (one task, as an asyncio server's request loop would hold it)."""
@@ -259,14 +233,15 @@ def rounds(args, floor: Floor, workers: int) -> list:
     """`repeat` rounds against one `serve --devices cpu:N --handler echo`; each a dict of figures."""
     out = []
     with Serve(["--handler", "echo", "--devices", f"cpu:{workers}"]) as serve, Client(serve.address) as c:
-        orch_latency(c, 300)  # warm-up: connections, caches, the worker's first batch
+        run_latency(c, "echo", PAYLOAD, 300)  # warm-up: connections, caches, the worker's first batch
         for _ in range(args.repeat):
             r = {}
             if workers == 1:
-                r["floor_lat"], r["lat"] = interleaved(floor.latency, lambda k: orch_latency(c, k), args.n_latency)
+                r["floor_lat"], r["lat"] = interleaved(floor.latency, lambda k: run_latency(c, "echo", PAYLOAD, k),
+                                                       args.n_latency)
                 r["async_lat"] = asyncio.run(_async_latency(serve.address, args.n_latency // 2))
             r["floor_rate"] = floor.pipelined(args.n_pipelined, args.window)
-            r["rate"] = orch_pipelined_sync(c, args.n_pipelined, args.window)
+            r["rate"] = run_pipelined(c, PAYLOAD, args.n_pipelined, args.window)
             r["async_rate"] = asyncio.run(_async_pipelined(serve.address, args.n_pipelined // 2, args.window))
             r["async_tasks_rate"] = asyncio.run(_async_pipelined_tasks(serve.address, args.n_pipelined // 2,
                                                                        args.window))

@@ -37,7 +37,7 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _bench_common import Serve, fmt_table, pct, write_json  # noqa: E402
+from _bench_common import Serve, fmt_table, pct, run_latency, write_json  # noqa: E402
 
 from orchestrator import Client  # noqa: E402
 
@@ -164,15 +164,6 @@ def http_latency(conn: http.client.HTTPConnection, pool: str, n: int) -> list:
     return out
 
 
-def zmq_latency(client: Client, pool: str, n: int) -> list:
-    out = []
-    for _ in range(n):
-        t0 = time.perf_counter()
-        client.run(pool, JOB, timeout=30)
-        out.append(time.perf_counter() - t0)
-    return out
-
-
 def zmq_rate(client: Client, pool: str, window: int, seconds: float) -> float:
     """Jobs/s with `window` jobs in flight (submit()s, then result()s oldest first, topping up)."""
     from collections import deque
@@ -224,7 +215,8 @@ def one_round(args, url: str, bare: Bare, client: Client, procs: dict) -> dict:
     conn = http.client.HTTPConnection(host, int(port))
     for pool in ("gen", "instant"):
         r[f"http_lat_{pool}"], r[f"zmq_lat_{pool}"] = interleaved(
-            lambda k: http_latency(conn, pool, k), lambda k: zmq_latency(client, pool, k), args.n_latency)
+            lambda k: http_latency(conn, pool, k), lambda k: run_latency(client, pool, JOB, k, timeout=30),
+            args.n_latency)
     conn.close()
     n, secs = args.connections, args.seconds
     # Alternate the bare endpoint and the gateway in short blocks: the load on a shared machine moves
@@ -322,7 +314,8 @@ def main(argv=None) -> int:
             with Bare() as bare, Client(serve.address) as client:
                 conn = http.client.HTTPConnection(host, int(port))
                 for pool in ("gen", "instant"):  # warm-up
-                    interleaved(lambda k: http_latency(conn, pool, k), lambda k: zmq_latency(client, pool, k), 100)
+                    interleaved(lambda k: http_latency(conn, pool, k),
+                                lambda k: run_latency(client, pool, JOB, k, timeout=30), 100)
                 conn.close()
                 procs = serve_processes(serve)
                 rounds = [one_round(args, url, bare, client, procs) for _ in range(args.repeat)]

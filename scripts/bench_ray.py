@@ -36,7 +36,9 @@ os.environ["RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"] = "0"  # read when ray is import
 os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from _bench_common import Serve, Steps, finish, fmt_table, pct, write_pools_toml  # noqa: E402
+from _bench_common import (  # noqa: E402
+    Serve, Steps, finish, fmt_table, pct, run_latency, run_pipelined, write_pools_toml,
+)
 
 from orchestrator import Client  # noqa: E402
 
@@ -67,29 +69,6 @@ def serve(cluster, tmp: str, name: str, pools: dict, ray: bool) -> Serve:
 # ------------------------------------------------------------------------------------------ dispatch
 
 
-def latency(client: Client, n: int) -> list:
-    out = []
-    for _ in range(n):
-        t0 = time.perf_counter()
-        client.run("echo", PAYLOAD)
-        out.append(time.perf_counter() - t0)
-    return out
-
-
-def pipelined(client: Client, n: int, window: int = 64) -> float:
-    from collections import deque
-
-    handles: deque = deque()
-    t0, sent = time.perf_counter(), 0
-    while sent < n or handles:
-        while sent < n and len(handles) < window:
-            handles.append(client.submit("echo", PAYLOAD))
-            sent += 1
-        if handles.popleft().result(60) != PAYLOAD:
-            raise AssertionError("echo returned the wrong output")
-    return n / (time.perf_counter() - t0)
-
-
 def dispatch(cluster, tmp: str, jobs: int, rounds: int) -> dict:
     pools = {"echo": {"handler": "echo"}}
     # Unpinned, as a Ray-placed worker is (remote workers get no CPU affinity): the same footing.
@@ -98,14 +77,14 @@ def dispatch(cluster, tmp: str, jobs: int, rounds: int) -> dict:
     remote = serve(cluster, tmp, "ray", {"echo": {**pools["echo"], "devices": "ray-cpu:1"}}, ray=True)
     try:
         with Client(local.address) as cl, Client(remote.address) as cr:
-            latency(cl, 200), latency(cr, 200)  # warm both paths
+            run_latency(cl, "echo", PAYLOAD, 200), run_latency(cr, "echo", PAYLOAD, 200)  # warm both paths
             per_round = []
             for _ in range(rounds):
                 ll, rl = [], []
                 for _ in range(max(1, jobs // 200)):  # alternating blocks: the same load on both
-                    ll += latency(cl, 100)
-                    rl += latency(cr, 100)
-                lp, rp = pipelined(cl, jobs), pipelined(cr, jobs)
+                    ll += run_latency(cl, "echo", PAYLOAD, 100)
+                    rl += run_latency(cr, "echo", PAYLOAD, 100)
+                lp, rp = run_pipelined(cl, PAYLOAD, jobs, 64), run_pipelined(cr, PAYLOAD, jobs, 64)
                 per_round.append({"local_p50_us": pct(ll, 50) * 1e6, "ray_p50_us": pct(rl, 50) * 1e6,
                                   "local_p99_us": pct(ll, 99) * 1e6, "ray_p99_us": pct(rl, 99) * 1e6,
                                   "local_jobs_s": lp, "ray_jobs_s": rp})

@@ -37,6 +37,7 @@ class Server:
         self.args = args
         self.env = {**os.environ, "PYTHONPATH": REPO, **(env or {})}
         self.proc: subprocess.Popen | None = None
+        self._log = None  # serve's stdout+stderr file, opened by start()
         self.address: str | None = None
         self._clients: list[Client] = []
         self._status_client: Client | None = None  # one reused client for status polling loops

@@ -21,7 +21,7 @@ import openai
 import psutil
 import pytest
 
-from orchestrator import wait_ready
+from orchestrator import RequestError, wait_ready
 from tests.conftest import REPO, Server, poll_until
 from tests.model_fixtures import make_tiny_llama
 
@@ -207,6 +207,13 @@ def test_error_statuses(api, body, status, code):
     assert r.status_code == status, r.text
     err = r.json()["error"]
     assert err["code"] == code and err["message"] and err["type"]
+
+
+def test_unknown_route_and_method_are_client_errors(api):
+    r = httpx.get(api.url + "/v1/nope", timeout=WAIT)
+    assert r.status_code == 404 and r.json()["error"]["type"] == "not_found_error", r.text
+    r = httpx.get(api.url + "/v1/completions", timeout=WAIT)
+    assert r.status_code == 405 and r.json()["error"]["type"] == "invalid_request_error", r.text
 
 
 def test_error_statuses_reach_the_sdk_as_its_exceptions(api, sdk):
@@ -398,6 +405,16 @@ def test_job_timeout_is_504(edge):
     assert r.status_code == 504 and r.json()["error"]["code"] == "timeout", r.text[:300]
 
 
+def test_the_zmq_clients_run_gets_the_same_timeout_code(edge):
+    """Client.run(timeout=S) ends with the server's `timeout` error (HTTP's 504), not with a client-side
+    TimeoutError that raced it."""
+    poll_until(lambda: _idle(edge), WAIT, what="gen to be idle")
+    with pytest.raises(RequestError) as e:
+        edge.client().run("gen", {"prompt": "go on", "max_new_tokens": LONG}, timeout=2.0)
+    assert e.value.code == "timeout"
+    poll_until(lambda: _idle(edge), WAIT, what="gen to be idle again")
+
+
 def test_draining_is_503_then_the_gateway_stops_with_serve(edge):
     """Runs last: SIGTERM drains; new requests get 503 `shutting_down`; serve exits 0 with its gateway."""
     poll_until(lambda: _idle(edge), WAIT, what="gen to be idle")
@@ -447,6 +464,17 @@ def test_non_loopback_http_needs_a_key_or_insecure(tmp_path):
     assert out.returncode == 2 and "cannot bind HTTP" in out.stderr
 
 
+def test_a_mistyped_http_table_is_one_line_and_exit_2(tmp_path):
+    """A wrong TOML type is a config error (one line, exit 2), not a traceback from deep in startup."""
+    for table, says in [('[http]\nport = 0\nhost = 3\n', "[http]: host must be a string, got 3"),
+                        ('http = 3\n', "[http] must be a table, got 3")]:
+        cfg = tmp_path / "serve.toml"
+        cfg.write_text(table)
+        out = _serve_once(["--config", str(cfg)])
+        assert out.returncode == 2 and says in out.stderr, out.stderr
+        assert len(out.stderr.strip().splitlines()) == 1, out.stderr
+
+
 def test_gateway_dies_with_a_killed_coordinator(tmp_path):
     server = Server(tmp_path, ["--handler", "echo", "--devices", "cpu:1", "--http-port", "0"]).start(timeout=WAIT)
     try:
@@ -469,3 +497,12 @@ def test_the_coordinator_imports_no_web_framework():
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=REPO, timeout=WAIT)
     assert out.returncode == 0, out.stderr
     assert out.stdout.strip() == "[]"
+
+
+def test_loopback_rule_doctests_pass():
+    """One loopback rule for the ZMQ client socket and the HTTP bind (security.is_loopback_host)."""
+    import doctest
+
+    from orchestrator import security
+    result = doctest.testmod(security)
+    assert result.attempted >= 4 and result.failed == 0

@@ -48,12 +48,14 @@ class Gateway:
     # ------------------------------------------------------------------ app and lifecycle
 
     def app(self) -> Starlette:
-        routes = [Route("/v1/models", self.models), Route("/v1/completions", self.completions, methods=["POST"]),
+        routes = [Route("/v1/models", self.models),
+                  Route("/v1/completions", self.completions, methods=["POST"]),
                   Route("/v1/chat/completions", self.chat, methods=["POST"]),
                   Route("/v1/embeddings", self.embeddings, methods=["POST"]),
                   Route("/health", self.health), Route("/metrics", self.metrics)]
-        app = Starlette(routes=routes, lifespan=self.lifespan, exception_handlers={ApiError: _api_error, RequestError: _request_error,
-                                            404: _not_found, 405: _not_allowed, 500: _internal})
+        handlers = {ApiError: _api_error, RequestError: _request_error, 404: _not_found, 405: _not_allowed,
+                    500: _internal}
+        app = Starlette(routes=routes, lifespan=self.lifespan, exception_handlers=handlers)
         app.add_middleware(_Auth, gateway=self)
         return app
 
@@ -210,7 +212,7 @@ async def _request_error(request, exc: RequestError) -> JSONResponse:
 
 
 async def _not_found(request, exc) -> JSONResponse:
-    return JSONResponse(fmt.error_body("not_found", f"no route {request.url.path}"), 404)
+    return JSONResponse(fmt.error_body("not_found", f"no route {request.url.path}", status=404), 404)
 
 
 async def _internal(request, exc) -> JSONResponse:
@@ -219,7 +221,8 @@ async def _internal(request, exc) -> JSONResponse:
 
 
 async def _not_allowed(request, exc) -> JSONResponse:
-    return JSONResponse(fmt.error_body("method_not_allowed", f"{request.method} is not allowed here"), 405)
+    return JSONResponse(fmt.error_body("method_not_allowed", f"{request.method} is not allowed here", status=405),
+                        405)
 
 
 class _Auth:

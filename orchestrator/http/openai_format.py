@@ -18,7 +18,7 @@ STATUS = {E.INVALID_INPUT: 400, E.BAD_REQUEST: 400, E.TOO_LARGE: 413, E.UNKNOWN_
           E.OVERLOADED: 429, E.UNAVAILABLE: 503, E.SHUTTING_DOWN: 503, E.TIMEOUT: 504, E.CANCELLED: 499}
 UNAUTHORIZED = "unauthorized"  # the gateway's own code for a missing or wrong API key (401)
 _TYPES = {400: "invalid_request_error", 401: "authentication_error", 404: "not_found_error",
-          413: "invalid_request_error", 429: "rate_limit_error"}
+          405: "invalid_request_error", 413: "invalid_request_error", 429: "rate_limit_error"}
 
 # Accepted only at their "off" values: anything else changes the output in a way we cannot honour.
 _OFF = {"n": (None, 1), "best_of": (None, 1), "echo": (None, False), "logprobs": (None, False),
@@ -40,9 +40,9 @@ def status_of(code: str) -> int:
     return 401 if code == UNAUTHORIZED else STATUS.get(code, 500)
 
 
-def error_body(code: str, message: str, param: str | None = None) -> dict:
-    """OpenAI's error object."""
-    status = status_of(code)
+def error_body(code: str, message: str, param: str | None = None, status: int | None = None) -> dict:
+    """OpenAI's error object; its `type` follows `status` (default: the code's own status)."""
+    status = status or status_of(code)
     kind = _TYPES.get(status, "server_error" if status >= 500 else "invalid_request_error")
     return {"error": {"message": message, "type": kind, "param": param, "code": code}}
 

@@ -1,23 +1,7 @@
 """The HTTP gateway's config rules, checked before anything starts (imports no web framework)."""
 from __future__ import annotations
 
-import ipaddress
-
-
-def is_loopback_host(host: str) -> bool:
-    """True for a loopback bind host.
-
-    >>> is_loopback_host("127.0.0.1"), is_loopback_host("::1"), is_loopback_host("localhost")
-    (True, True, True)
-    >>> is_loopback_host("0.0.0.0"), is_loopback_host("10.1.2.3"), is_loopback_host("myhost")
-    (False, False, False)
-    """
-    if host == "localhost":
-        return True
-    try:
-        return ipaddress.ip_address(host.strip("[]")).is_loopback
-    except ValueError:
-        return False  # a hostname or interface: treat as exposed
+from ..security import is_loopback_host
 
 
 def load_keys(path: str) -> list[str]:

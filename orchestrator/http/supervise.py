@@ -23,7 +23,7 @@ import sys
 import time
 
 from ..launcher import exit_words
-from .settings import is_loopback_host
+from ..security import is_loopback_host
 
 log = logging.getLogger("orchestrator.http")
 
