@@ -34,7 +34,8 @@ def add_serve(sub) -> None:
     p.add_argument("--address", help=f"client endpoint (default {DEFAULT_ADDRESS}; tcp://HOST:0 picks "
                                      f"a free port; ipc:// works too)")
     p.add_argument("--devices", help="auto | cpu:N | GPU ids like 0,1,2,3 (default auto)")
-    p.add_argument("--pool", help="pool name for a single flag-defined pool (default: handler name)")
+    p.add_argument("--pool", help="pool name for a single flag-defined pool (default: handler name); with "
+                   "--config, the file's pool that the pool flags and --model apply to")
     p.add_argument("--handler", help="built-in handler name or module:Class (default embed)")
     p.add_argument("--model", help="model path or hub id for generate/embed handlers")
     p.add_argument("--handler-config", help="extra handler config as JSON")
@@ -116,9 +117,30 @@ def build_config(args) -> ServerConfig:
     cfg.limits = dataclasses.replace(cfg.limits, **limits)
     if not cfg.pools or args.handler:
         cfg.pools = [flag_pool(args)] + [p for p in cfg.pools if p.name != (args.pool or args.handler)]
-    elif any(getattr(args, f) is not None for f in _POOL_FLAGS) and len(cfg.pools) == 1:
-        apply_pool_flags(cfg.pools[0], args)
+    else:
+        override_file_pool(cfg.pools, args)
     return cfg
+
+
+def override_file_pool(pools: list, args) -> None:
+    """Pool flags on top of a config file's pools: they go to the pool `--pool` names, or to the file's only
+    pool. A flag that cannot tell which pool it is for is an error, never silently dropped."""
+    given = [f"--{f.replace('_', '-')}" for f in (*_POOL_FLAGS, "model", "handler_config")
+             if getattr(args, f) is not None]
+    if not given and args.pool is None:
+        return
+    names = [p.name for p in pools]
+    if args.pool is not None and args.pool not in names:
+        raise ValueError(f"--pool {args.pool!r}: the config file has no such pool (pools: {', '.join(names)})")
+    if args.pool is None and len(pools) > 1:
+        raise ValueError(f"{' '.join(given)} would apply to one pool, but the config file has {len(pools)} "
+                         f"({', '.join(names)}): name it with --pool")
+    pool = pools[names.index(args.pool)] if args.pool is not None else pools[0]
+    apply_pool_flags(pool, args)
+    if args.handler_config:
+        pool.config = {**pool.config, **json.loads(args.handler_config)}
+    if args.model:
+        pool.config = {**pool.config, "model": args.model}
 
 
 def flag_pool(args) -> PoolConfig:

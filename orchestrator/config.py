@@ -167,6 +167,10 @@ def validate(cfg: ServerConfig) -> None:
     for name, value in caps.items():
         if not isinstance(value, int) or isinstance(value, bool) or value < 1:
             raise ValueError(f"{name} must be a positive integer, got {value!r}")
+    if cfg.log_format not in ("text", "json"):
+        raise ValueError(f"log_format must be 'text' or 'json', got {cfg.log_format!r}")
+    if cfg.log_level.upper() not in ("DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL"):
+        raise ValueError(f"log_level must be one of DEBUG, INFO, WARNING, ERROR, CRITICAL, got {cfg.log_level!r}")
     names = [p.name for p in cfg.pools]
     if len(set(names)) != len(names):
         raise ValueError(f"duplicate pool names: {names}")

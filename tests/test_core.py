@@ -589,6 +589,32 @@ def orchestrator(*args, timeout: float = WAIT) -> subprocess.CompletedProcess:
                           cwd=REPO, timeout=timeout)
 
 
+def test_pool_flags_on_a_config_file_name_their_pool_or_fail(tmp_path):
+    """Pool flags on top of a config file go to the pool --pool names (or the file's only pool); with
+    several pools and no --pool, or a --pool the file lacks, serve refuses in one line (exit 2) rather than
+    dropping the flag."""
+    config = tmp_path / "two.toml"
+    config.write_text('[pools.a]\nhandler = "echo"\ndevices = "cpu:1"\n'
+                      '[pools.b]\nhandler = "echo"\ndevices = "cpu:1"\n')
+    r = orchestrator("serve", "--config", str(config), "--replicas", "1", timeout=60)
+    assert r.returncode == 2 and "--replicas would apply to one pool" in r.stderr and "a, b" in r.stderr, r.stderr
+    r = orchestrator("serve", "--config", str(config), "--model", "/m", timeout=60)
+    assert r.returncode == 2 and "--model would apply to one pool" in r.stderr, r.stderr
+    r = orchestrator("serve", "--config", str(config), "--pool", "c", "--capacity", "2", timeout=60)
+    assert r.returncode == 2 and "--pool 'c': the config file has no such pool" in r.stderr, r.stderr
+
+
+def test_pool_flags_apply_to_the_named_file_pool():
+    from orchestrator.cli import build_parser, override_file_pool
+    from orchestrator.config import PoolConfig
+
+    args = build_parser().parse_args(["serve", "--pool", "b", "--capacity", "3", "--model", "/m"])
+    pools = [PoolConfig(name="a", handler="echo"), PoolConfig(name="b", handler="echo", config={"x": 1})]
+    override_file_pool(pools, args)
+    assert (pools[0].capacity, pools[0].config) == (PoolConfig(name="a").capacity, {})
+    assert (pools[1].capacity, pools[1].config) == (3, {"x": 1, "model": "/m"})
+
+
 def test_cli_against_a_running_server(serve):
     srv = serve(["--devices", "cpu:2", "--handler", "echo"])
     at = ["--address", srv.address, "--timeout", "60"]
@@ -646,3 +672,13 @@ def test_cli_help_for_every_command(capsys):
             cli.build_parser().parse_args([command, "--help"])
         assert info.value.code == 0
         assert f"orchestrator {command}" in capsys.readouterr().out
+
+
+def test_a_misspelt_log_format_or_level_is_a_config_error():
+    from orchestrator.config import PoolConfig, ServerConfig, validate
+
+    with pytest.raises(ValueError, match="log_format must be 'text' or 'json', got 'jsno'"):
+        validate(ServerConfig(pools=[PoolConfig(name="a")], log_format="jsno"))
+    with pytest.raises(ValueError, match="log_level must be one of"):
+        validate(ServerConfig(pools=[PoolConfig(name="a")], log_level="loud"))
+    validate(ServerConfig(pools=[PoolConfig(name="a")], log_format="json", log_level="debug"))
