@@ -85,6 +85,6 @@ def setup(fmt: str = "text", level: str = "INFO", stream=None, hold: float = 0.0
     top = HoldUntilStarted(handler, hold) if hold > 0 else handler
     root = logging.getLogger()
     root.handlers[:] = [top]
-    root.setLevel(level)
+    root.setLevel(level.upper())
     logging.captureWarnings(True)  # library warnings become log lines too (JSON in json mode)
     return top

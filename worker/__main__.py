@@ -43,7 +43,7 @@ def pin_cores(cores: list | None) -> None:
 def setup_logging(spec: WorkerSpec) -> None:
     # The coordinator prefixes each captured line with the worker id; JSON mode keeps lines parseable.
     fmt = "%(levelname)s %(name)s: %(message)s"
-    logging.basicConfig(level=spec.log_level, format=fmt, stream=sys.stderr)
+    logging.basicConfig(level=spec.log_level.upper(), format=fmt, stream=sys.stderr)
 
 
 def main(argv: list | None = None) -> int:
