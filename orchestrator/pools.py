@@ -71,7 +71,7 @@ class Pool:
         for k in range(n):
             s = slots[(self._rr + k) % n]
             if s.state in SERVING:
-                credits = s.capacity - s.load.held  # Slot.credits, inlined: this is the job path
+                credits = s.capacity - s.load.held  # free credits
                 if credits > best_credits:
                     best, best_credits = s, credits
         if best is not None:

@@ -108,10 +108,6 @@ class Slot:
             self.state_since = time.monotonic()
 
     @property
-    def credits(self) -> int:
-        return self.capacity - self.load.held
-
-    @property
     def leader(self) -> Proc | None:
         return self.procs[0] if self.procs else None
 
