@@ -25,10 +25,10 @@ import time
 from collections import deque
 
 from protocol.workerspec import WorkerSpec
+from .launcher import TAIL_LINES  # the seam imports the standard library only: light in a Ray worker
 
 # Where the `worker` package lives on this node, so the child imports it even from a checkout.
 _SOURCE_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-TAIL_LINES = 20
 
 
 class RankActor:
