@@ -1,7 +1,7 @@
 """A pool: its slots, dispatch choice, health and scale decisions.
 
-This module decides; it never touches sockets or processes (the coordinator does that), and its jobs
-(its queue and counts) belong to the JobTable.
+This module decides; it never touches sockets or processes (the Dispatcher, the Supervisor and its
+Launcher do that), and its jobs (its queue and counts) belong to the JobTable.
 """
 from __future__ import annotations
 

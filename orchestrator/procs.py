@@ -107,6 +107,11 @@ class Slot:
             move(self, new, WORKER_TRANSITIONS)
             self.state_since = time.monotonic()
 
+    def reset_failures(self) -> None:
+        """A fresh failure budget and backoff (the operator retries it: scale, reload)."""
+        self.budget.reset()
+        self.consecutive_failures = 0
+
     @property
     def leader(self) -> Proc | None:
         return self.procs[0] if self.procs else None
