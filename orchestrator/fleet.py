@@ -33,6 +33,13 @@ class Fleet:
             for index in range(pool.desired):
                 self._start_slot(pool, index)
 
+    def startup_outcome(self) -> tuple[bool, dict]:
+        """(settled, failures): settled once every pool's first load served or failed; failures maps
+        each pool that failed so far to why (`Pool.startup_outcome`)."""
+        outcomes = {name: pool.startup_outcome() for name, pool in self.pools.items()}
+        settled = all(done for done, _ in outcomes.values())
+        return settled, {name: why for name, (_, why) in outcomes.items() if why}
+
     def _start_slot(self, pool: Pool, index: int) -> None:
         slot = pool.slots.get(index)
         if slot is None or slot.state == WS.STOPPED:
