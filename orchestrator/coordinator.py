@@ -151,9 +151,10 @@ class Coordinator:
 
     def snapshot(self) -> snapshot.Snapshot:
         """The state `status`, `health` and the metrics read (built on the loop thread)."""
-        return snapshot.take(self.state.value, self.endpoint, time.monotonic() - self.started_at,
-                             self.cfg.hb_timeout, self.client.rejected, self.pools, self.dispatcher.table,
-                             time.monotonic(), snapshot.config_limits(self.cfg))
+        now = time.monotonic()
+        return snapshot.take(self.state.value, self.endpoint, now - self.started_at, self.cfg.hb_timeout,
+                             self.client.rejected, self.pools, self.dispatcher.table, now,
+                             snapshot.config_limits(self.cfg))
 
     # ------------------------------------------------------------------ run
 

@@ -42,7 +42,6 @@ class RankLaunch:
     wid: str
     spec: object  # the worker's start spec (procs.worker_spec); the launcher only serialises it
     env: dict  # the whole environment of the rank (procs.worker_env)
-    cores: tuple = ()  # the CPU cores it may use (information for a launcher that places)
 
 
 @dataclass(frozen=True)

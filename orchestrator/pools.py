@@ -44,8 +44,7 @@ class Pool:
         return SlotSpec(pool=self.name, index=index, devices=self.groups[index], handler=cfg.handler,
                         config=cfg.config, tp=cfg.tp, cores=tuple(tuple(c) for c in cores),
                         capacity=cfg.capacity, cpu_threads=cfg.cpu_threads, cpu_affinity=cfg.cpu_affinity,
-                        env=cfg.env,
-                        guard_timeout=cfg.guard_timeout)
+                        env=cfg.env, guard_timeout=cfg.guard_timeout)
 
     def startup_outcome(self) -> tuple[bool, str | None]:
         """(settled, failure): settled once every slot served or failed; failure is the first failed

@@ -174,6 +174,5 @@ def slot_launch(spec: SlotSpec, incarnation: int, endpoint: str, cfg) -> SlotLau
     ranks = []
     for rank in range(spec.tp):
         ws = worker_spec(spec, rank, incarnation, endpoint, cfg)
-        ranks.append(RankLaunch(rank, ws.wid, ws, worker_env(spec, rank),
-                                tuple(spec.cores[rank]) if spec.cores else ()))
+        ranks.append(RankLaunch(rank, ws.wid, ws, worker_env(spec, rank)))
     return SlotLaunch(spec.wid, spec.pool, incarnation, tuple(spec.devices), tuple(ranks))
