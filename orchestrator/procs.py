@@ -163,10 +163,15 @@ def worker_env(spec: SlotSpec, rank: int) -> dict:
     threads = spec.cpu_threads or (len(spec.cores[rank]) if spec.cores else None)
     if threads:
         env["OMP_NUM_THREADS"] = str(threads)
-    env["PYTHONPATH"] = os.pathsep.join(filter(None, [_SOURCE_ROOT, env.get("PYTHONPATH")]))
+    env["PYTHONPATH"] = with_source_root(env.get("PYTHONPATH"))
     env["PYTHONUNBUFFERED"] = "1"
     env.update({k: str(v) for k, v in spec.env.items()})
     return env
+
+
+def with_source_root(pythonpath: str | None) -> str:
+    """A worker's PYTHONPATH: this checkout first, so it imports `worker` even when not installed."""
+    return os.pathsep.join(filter(None, [_SOURCE_ROOT, pythonpath]))
 
 
 def slot_launch(spec: SlotSpec, incarnation: int, endpoint: str, cfg) -> SlotLaunch:
