@@ -94,9 +94,7 @@ class Fleet:
 
     def stop(self, reason: str) -> None:
         """Staged stop of every slot; no restarts from here on."""
-        self.sup.stopping = True
-        for slot in self.slots():
-            self.sup.stop_slot(slot, reason)
+        self.sup.stop_all(self.slots(), reason)
 
     def stopped(self) -> bool:
         return all(s.state == WS.STOPPED for s in self.slots())

@@ -44,7 +44,7 @@ class Supervisor:
         self.by_id: dict[bytes, tuple[Slot, Proc]] = {}
         self.by_handle: dict[SlotHandle, Slot] = {}  # launcher handle -> its slot (live incarnations)
         self.pool_cfgs: dict = {}
-        self.stopping = False
+        self.stopping = False  # the coordinator is stopping (stop_all): nothing restarts
         self._next_ping = 0.0
 
     # ------------------------------------------------------------------ start
@@ -292,6 +292,12 @@ class Supervisor:
                 return
 
     # ------------------------------------------------------------------ staged stop
+
+    def stop_all(self, slots: list[Slot], reason: str) -> None:
+        """Coordinator stop: the staged stop of every slot, and no restart or retry from here on."""
+        self.stopping = True
+        for slot in slots:
+            self.stop_slot(slot, reason)
 
     def drain_slot(self, slot: Slot, reason: str) -> None:
         """Scale-down: no new jobs; in-flight ones finish; then the staged stop."""
