@@ -8,7 +8,7 @@ never a pid, so a second launcher (Ray actors on other nodes) plugs in without e
     handle = launcher.start(SlotLaunch(...))     all ranks of one slot, placed together
     launcher.stop(handle, reason, budget)        staged: stop message, join, kill, join
     launcher.kill(handle, reason)                at once (a slot declared down)
-    launcher.tick(now)                           every loop turn: escalates staged stops
+    launcher.tick(now)                           every timer tick (50 ms): escalates staged stops
     launcher.close(reason)                       coordinator shutdown: kill and reap what is left
 
 Every `on_exit(ExitEvent)` call is made on the event-loop thread. The local launcher (local_launcher.py)
@@ -171,7 +171,8 @@ class Launcher(abc.ABC):
         self.stopping.add(handle)
 
     def tick(self, now: float) -> None:
-        """Escalate staged stops whose stage ran past its budget. Called every loop turn."""
+        """Escalate staged stops whose stage ran past its budget. Called every timer tick (the
+        coordinator's TICK, through Supervisor.tick)."""
         for handle in list(self.stopping):
             if handle.stop_deadline is not None and now >= handle.stop_deadline:
                 self._escalate(handle, now)
