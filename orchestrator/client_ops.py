@@ -1,5 +1,5 @@
 """The coordinator's client socket: frames in, admission, and the client ops (submit, cancel, status,
-health, ping, scale, stop), so that what a client can ask for reads in one place.
+health, ping, scale, reload, stop), so that what a client can ask for reads in one place.
 
 ClientOps decides what a request means; it changes jobs only through the JobTable, and reads state for
 `status` and `health` only from a snapshot."""
@@ -168,10 +168,16 @@ class ClientOps:
     def _op_ping(self, route: tuple, msg: Ping) -> None:
         self.reply(route, Ok(msg.id, {"pong": True, "state": self.state().value}))
 
-    def _op_scale(self, route: tuple, msg: Scale) -> None:
+    def _named_pool(self, route: tuple, msg):
+        """The pool a scale or reload names; None, the request rejected with `unknown_pool`, if none."""
         pool = self.pools.get(msg.pool)
         if pool is None:
             self._reject(route, msg.id, E.UNKNOWN_POOL, f"no pool named {msg.pool!r}")
+        return pool
+
+    def _op_scale(self, route: tuple, msg: Scale) -> None:
+        pool = self._named_pool(route, msg)
+        if pool is None:
             return
         try:
             self.scale(pool, msg.replicas)
@@ -181,9 +187,8 @@ class ClientOps:
         self.reply(route, Ok(msg.id, {"pool": pool.name, "replicas": pool.desired}))
 
     def _op_reload(self, route: tuple, msg: Reload) -> None:
-        pool = self.pools.get(msg.pool)
+        pool = self._named_pool(route, msg)
         if pool is None:
-            self._reject(route, msg.id, E.UNKNOWN_POOL, f"no pool named {msg.pool!r}")
             return
         self.reload(pool)
         self.reply(route, Ok(msg.id, {"pool": pool.name, "replicas": pool.desired}))

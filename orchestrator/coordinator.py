@@ -71,7 +71,6 @@ class Coordinator:
         # is called once; a failure without keep_going stops everything and run() returns 2.
         self.on_startup = on_startup
         self.starting = True
-        self.startup_failures: dict[str, str] = {}
         self.exit_code = 0
         self._next_reconcile = 0.0
         self.gateway = Gateway(cfg) if cfg.http.port is not None else None  # [http gateway hook]
@@ -152,9 +151,10 @@ class Coordinator:
 
     def snapshot(self) -> snapshot.Snapshot:
         """The state `status`, `health` and the metrics read (built on the loop thread)."""
-        return snapshot.take(self.state.value, self.endpoint, time.monotonic() - self.started_at,
-                             self.cfg.hb_timeout, self.client.rejected, self.pools, self.dispatcher.table,
-                             time.monotonic(), snapshot.config_limits(self.cfg))
+        now = time.monotonic()
+        return snapshot.take(self.state.value, self.endpoint, now - self.started_at, self.cfg.hb_timeout,
+                             self.client.rejected, self.pools, self.dispatcher.table, now,
+                             snapshot.config_limits(self.cfg))
 
     # ------------------------------------------------------------------ run
 
@@ -228,18 +228,17 @@ class Coordinator:
 
     def _check_startup(self) -> None:
         """Once every pool's first load settled: report, and without keep_going stop on a failure."""
-        outcomes = {name: pool.startup_outcome() for name, pool in self.pools.items()}
-        if not all(settled for settled, _ in outcomes.values()) and self.state == CS.RUNNING:
+        settled, failures = self.fleet.startup_outcome()
+        if not settled and self.state == CS.RUNNING:
             return
         self.starting = False
-        self.startup_failures = {name: why for name, (_, why) in outcomes.items() if why}
-        for name, why in self.startup_failures.items():
+        for name, why in failures.items():
             log.error("pool %s failed to start: %s", name, why, extra={"pool": name})
         if self.on_startup is not None:
-            self.on_startup(self.startup_failures)
-        if self.startup_failures and not self.cfg.keep_going and self.state == CS.RUNNING:
+            self.on_startup(failures)
+        if failures and not self.cfg.keep_going and self.state == CS.RUNNING:
             self.exit_code = EXIT_STARTUP_FAILED
-            self.request_stop(f"pool(s) {sorted(self.startup_failures)} failed to start", drain=False)
+            self.request_stop(f"pool(s) {sorted(failures)} failed to start", drain=False)
 
     # ------------------------------------------------------------------ stop
 

@@ -18,6 +18,7 @@ from protocol.messages import (
 )
 from protocol import ProtocolError, errors as E
 from .jobtable import JobTable
+from .logs import ids
 from .states import JobState as JS, WorkerState as WS
 
 log = logging.getLogger("orchestrator.coordinator")
@@ -50,7 +51,7 @@ class Dispatcher:
                           self.codec.encode(WRun(job.jid, job.input, job.stream))))
             if job.crashes:  # a retry: logged so that recovery is visible (and measured by the bench)
                 log.info("job %d: attempt %d dispatched to %s", job.jid, len(job.crashes) + 1,
-                         slot.name, extra={"wid": slot.name, "pool": slot.spec.pool})
+                         slot.name, extra=ids(slot))
 
     def _job_ended(self, job, state: JS, message) -> None:
         """The JobTable ended a job: its one reply goes out."""
@@ -92,8 +93,7 @@ class Dispatcher:
     def _malformed(self, slot, proc, why: str) -> None:
         """A worker that breaks the protocol cannot be trusted with its jobs: end its incarnation (its
         jobs are requeued, as after a crash) and go on serving everyone else."""
-        log.error("%s: malformed message from worker: %s", proc.wid, why,
-                  extra={"wid": slot.name, "pool": slot.spec.pool})
+        log.error("%s: malformed message from worker: %s", proc.wid, why, extra=ids(slot))
         self.sup.fail(slot, f"malformed message from worker: {why}")
 
     def _w_result(self, slot, proc, msg: WResult) -> None:

@@ -33,6 +33,13 @@ class Fleet:
             for index in range(pool.desired):
                 self._start_slot(pool, index)
 
+    def startup_outcome(self) -> tuple[bool, dict]:
+        """(settled, failures): settled once every pool's first load served or failed; failures maps
+        each pool that failed so far to why (`Pool.startup_outcome`)."""
+        outcomes = {name: pool.startup_outcome() for name, pool in self.pools.items()}
+        settled = all(done for done, _ in outcomes.values())
+        return settled, {name: why for name, (_, why) in outcomes.items() if why}
+
     def _start_slot(self, pool: Pool, index: int) -> None:
         slot = pool.slots.get(index)
         if slot is None or slot.state == WS.STOPPED:
@@ -87,9 +94,7 @@ class Fleet:
 
     def stop(self, reason: str) -> None:
         """Staged stop of every slot; no restarts from here on."""
-        self.sup.stopping = True
-        for slot in self.slots():
-            self.sup.stop_slot(slot, reason)
+        self.sup.stop_all(self.slots(), reason)
 
     def stopped(self) -> bool:
         return all(s.state == WS.STOPPED for s in self.slots())

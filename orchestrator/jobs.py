@@ -12,12 +12,11 @@ class Job:
 
     __slots__ = ("jid", "client", "cid", "pool", "input", "stream", "retries", "state", "slot",
                  "crashes", "chunks_sent", "accepted_at", "started_at", "first_chunk_at",
-                 "deadline", "name")
+                 "deadline")
 
     def __init__(self, jid: int, client: bytes, cid: Any, pool: str, input: Any, stream: bool,
                  retries: int, deadline: float | None):
         self.jid = jid
-        self.name = f"job {jid}"
         self.client, self.cid, self.pool = client, cid, pool
         self.input, self.stream, self.retries = input, stream, retries
         self.state = JobState.QUEUED
@@ -28,6 +27,11 @@ class Job:
         self.started_at: float | None = None
         self.first_chunk_at: float | None = None
         self.deadline = deadline
+
+    @property
+    def name(self) -> str:
+        """For the message of an invalid transition (states.move); built only then, off the job path."""
+        return f"job {self.jid}"
 
     def set_state(self, new: JobState) -> None:
         move(self, new, JOB_TRANSITIONS)

@@ -8,7 +8,7 @@ never a pid, so a second launcher (Ray actors on other nodes) plugs in without e
     handle = launcher.start(SlotLaunch(...))     all ranks of one slot, placed together
     launcher.stop(handle, reason, budget)        staged: stop message, join, kill, join
     launcher.kill(handle, reason)                at once (a slot declared down)
-    launcher.tick(now)                           every loop turn: escalates staged stops
+    launcher.tick(now)                           every timer tick (50 ms): escalates staged stops
     launcher.close(reason)                       coordinator shutdown: kill and reap what is left
 
 Every `on_exit(ExitEvent)` call is made on the event-loop thread. The local launcher (local_launcher.py)
@@ -18,12 +18,15 @@ remote one) posts them through a `LoopWaker`, which it registers in the loop at 
 from __future__ import annotations
 
 import abc
+import logging
 import signal
 import socket
 import time
 from collections import deque
 from dataclasses import dataclass
 from typing import Callable
+
+TAIL_LINES = 20  # output lines kept per rank, quoted when it dies
 
 
 class LaunchError(RuntimeError):
@@ -39,7 +42,6 @@ class RankLaunch:
     wid: str
     spec: object  # the worker's start spec (procs.worker_spec); the launcher only serialises it
     env: dict  # the whole environment of the rank (procs.worker_env)
-    cores: tuple = ()  # the CPU cores it may use (information for a launcher that places)
 
 
 @dataclass(frozen=True)
@@ -55,8 +57,8 @@ class SlotLaunch:
 
 
 class RankHandle:
-    """One started rank, as its launcher sees it. `pid`, `node` and `host` are information for status
-    and logs; policy code reads only `alive`, `exit_reason` and `log_tail`."""
+    """One started rank, as its launcher sees it. `pid`, `node`, `host` and `label` are information for
+    status and logs; policy code reads only `alive` and `started` (why it ended comes as an ExitEvent)."""
 
     def __init__(self, rank: int, wid: str, pid: int | None = None, node: str | None = None,
                  host: str | None = None):
@@ -87,6 +89,13 @@ class RankHandle:
             self.exit_reason = reason
             return True
         return False
+
+    def ended(self, status: str, lines: list = ()) -> None:
+        """It has ended: how, in words (also its reason if none was given), and its last output lines."""
+        self.exit_status = status
+        self.note_reason(status)
+        if lines:
+            self.log_tail = (self.log_tail + list(lines))[-TAIL_LINES:]
 
 
 class SlotHandle:
@@ -125,6 +134,8 @@ class ExitEvent:
 class Launcher(abc.ABC):
     """Starts, watches and stops worker slots. All methods run on the event-loop thread."""
 
+    log = logging.getLogger("orchestrator.launcher")  # a subclass may log under its own name
+
     def __init__(self):
         self.loop = self.on_exit = self.send_stop = None  # set by attach()
         self.stopping: set = set()  # handles whose staged stop is under way
@@ -160,13 +171,24 @@ class Launcher(abc.ABC):
         self.stopping.add(handle)
 
     def tick(self, now: float) -> None:
-        """Escalate staged stops whose stage ran past its budget. Called every loop turn."""
+        """Escalate staged stops whose stage ran past its budget. Called every timer tick (the
+        coordinator's TICK, through Supervisor.tick)."""
         for handle in list(self.stopping):
             if handle.stop_deadline is not None and now >= handle.stop_deadline:
                 self._escalate(handle, now)
 
     def close(self, reason: str) -> None:
         """Coordinator shutdown: kill what is still running and wait for it. Normally nothing is."""
+
+    def _report_exit(self, handle: SlotHandle, rank: RankHandle, last: list) -> None:
+        """Log a rank's end, quoting its `last` output lines, and deliver its ExitEvent. Call it once
+        per rank, after `rank.ended(...)`, on the loop thread."""
+        clean = rank.exit_status == exit_words(0)
+        text = " | ".join(last)
+        self.log.log(logging.INFO if handle.stopping or clean else logging.WARNING, "%s %s exited: %s%s",
+                     rank.wid, rank.label, rank.exit_status, f" (last output: {text})" if text else "",
+                     extra={"wid": rank.wid, "pool": handle.pool})
+        self.on_exit(ExitEvent(handle, rank.rank, rank.exit_reason, rank.exit_status, clean))
 
     def _escalate(self, handle: SlotHandle, now: float) -> None:
         if not handle.alive:

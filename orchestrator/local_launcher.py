@@ -10,16 +10,14 @@ import socket
 import subprocess
 import sys
 
-from .launcher import ExitEvent, Launcher, RankHandle, RankLaunch, SlotHandle, SlotLaunch, exit_words
+from .launcher import TAIL_LINES, Launcher, RankHandle, RankLaunch, SlotHandle, SlotLaunch, exit_words
 
 log = logging.getLogger("orchestrator.launcher")
 wlog = logging.getLogger("worker")  # captured worker output
 
-TAIL_LINES = 20  # output lines kept per rank, quoted when it dies
-
 
 class LocalLauncher(Launcher):
-    """Child processes of the coordinator: `python -m worker --spec JSON`, one per rank.
+    """Child processes of the coordinator: `python -m worker --spec <WorkerSpec.encode()>`, one per rank.
 
     Exit is seen the instant it happens through a pidfd per process registered in the event loop (or by
     polling where the kernel has no pidfd). Each worker sets PR_SET_PDEATHSIG on itself first, so none
@@ -81,30 +79,24 @@ class LocalLauncher(Launcher):
             popen.wait()
             self._reap(rank)
 
-    def _reap(self, rank: RankHandle) -> int | None:
-        """Collect the exit status of a process that has ended; forget it. None if already reaped."""
+    def _reap(self, rank: RankHandle) -> None:
+        """Collect the exit status of a process that has ended; forget it. Nothing if already reaped."""
         entry = self._procs.pop(rank, None)
         if entry is None:
-            return None
+            return
         handle, popen, pidfd = entry
         code = popen.wait()
         if pidfd is not None:
             self.loop.remove(pidfd)
             os.close(pidfd)
-        rank.exit_status = exit_words(code)
-        rank.note_reason(rank.exit_status)
+        rank.ended(exit_words(code))
         if not handle.alive:
             self.stopping.discard(handle)
-        return code
 
     def _exited(self, rank: RankHandle) -> None:
         handle = self._procs[rank][0]
-        code = self._reap(rank)
-        tail = " | ".join(rank.log_tail[-3:])
-        log.log(logging.INFO if handle.stopping or code == 0 else logging.WARNING, "%s %s exited: %s%s",
-                rank.wid, rank.label, rank.exit_status, f" (last output: {tail})" if tail else "",
-                extra={"wid": rank.wid, "pool": handle.pool})
-        self.on_exit(ExitEvent(handle, rank.rank, rank.exit_reason, rank.exit_status, code == 0))
+        self._reap(rank)
+        self._report_exit(handle, rank, rank.log_tail[-3:])
 
     def _on_output(self, handle: SlotHandle, rank: RankHandle, pipe, stream: str) -> None:
         fd = pipe.fileno()

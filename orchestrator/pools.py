@@ -1,7 +1,7 @@
 """A pool: its slots, dispatch choice, health and scale decisions.
 
-This module decides; it never touches sockets or processes (the coordinator does that), and its jobs
-(its queue and counts) belong to the JobTable.
+This module decides; it never touches sockets or processes (the Dispatcher, the Supervisor and its
+Launcher do that), and its jobs (its queue and counts) belong to the JobTable.
 """
 from __future__ import annotations
 
@@ -44,8 +44,7 @@ class Pool:
         return SlotSpec(pool=self.name, index=index, devices=self.groups[index], handler=cfg.handler,
                         config=cfg.config, tp=cfg.tp, cores=tuple(tuple(c) for c in cores),
                         capacity=cfg.capacity, cpu_threads=cfg.cpu_threads, cpu_affinity=cfg.cpu_affinity,
-                        env=cfg.env,
-                        guard_timeout=cfg.guard_timeout)
+                        env=cfg.env, guard_timeout=cfg.guard_timeout)
 
     def startup_outcome(self) -> tuple[bool, str | None]:
         """(settled, failure): settled once every slot served or failed; failure is the first failed
@@ -71,7 +70,7 @@ class Pool:
         for k in range(n):
             s = slots[(self._rr + k) % n]
             if s.state in SERVING:
-                credits = s.capacity - s.load.held  # Slot.credits, inlined: this is the job path
+                credits = s.capacity - s.load.held  # free credits
                 if credits > best_credits:
                     best, best_credits = s, credits
         if best is not None:

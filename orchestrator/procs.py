@@ -107,9 +107,10 @@ class Slot:
             move(self, new, WORKER_TRANSITIONS)
             self.state_since = time.monotonic()
 
-    @property
-    def credits(self) -> int:
-        return self.capacity - self.load.held
+    def reset_failures(self) -> None:
+        """A fresh failure budget and backoff (the operator retries it: scale, reload)."""
+        self.budget.reset()
+        self.consecutive_failures = 0
 
     @property
     def leader(self) -> Proc | None:
@@ -162,10 +163,15 @@ def worker_env(spec: SlotSpec, rank: int) -> dict:
     threads = spec.cpu_threads or (len(spec.cores[rank]) if spec.cores else None)
     if threads:
         env["OMP_NUM_THREADS"] = str(threads)
-    env["PYTHONPATH"] = os.pathsep.join(filter(None, [_SOURCE_ROOT, env.get("PYTHONPATH")]))
+    env["PYTHONPATH"] = with_source_root(env.get("PYTHONPATH"))
     env["PYTHONUNBUFFERED"] = "1"
     env.update({k: str(v) for k, v in spec.env.items()})
     return env
+
+
+def with_source_root(pythonpath: str | None) -> str:
+    """A worker's PYTHONPATH: this checkout first, so it imports `worker` even when not installed."""
+    return os.pathsep.join(filter(None, [_SOURCE_ROOT, pythonpath]))
 
 
 def slot_launch(spec: SlotSpec, incarnation: int, endpoint: str, cfg) -> SlotLaunch:
@@ -173,6 +179,5 @@ def slot_launch(spec: SlotSpec, incarnation: int, endpoint: str, cfg) -> SlotLau
     ranks = []
     for rank in range(spec.tp):
         ws = worker_spec(spec, rank, incarnation, endpoint, cfg)
-        ranks.append(RankLaunch(rank, ws.wid, ws, worker_env(spec, rank),
-                                tuple(spec.cores[rank]) if spec.cores else ()))
+        ranks.append(RankLaunch(rank, ws.wid, ws, worker_env(spec, rank)))
     return SlotLaunch(spec.wid, spec.pool, incarnation, tuple(spec.devices), tuple(ranks))

@@ -30,7 +30,7 @@ from dataclasses import dataclass, field
 
 from protocol.curve import CurveClientKeys
 from protocol.workerspec import WorkerSpec
-from .launcher import ExitEvent, Launcher, LoopWaker, RankHandle, SlotHandle, SlotLaunch, exit_words
+from .launcher import Launcher, LoopWaker, RankHandle, SlotHandle, SlotLaunch, exit_words
 from .ray_cluster import Demand, RayCluster, resource_of
 from .ray_rank import RankActor
 
@@ -59,6 +59,8 @@ class _Group:
 class RayLauncher(Launcher):
     """Construct cheaply; `connect()` joins the cluster; `reserve()` places the first slots (all or none);
     then the `Launcher` methods as usual."""
+
+    log = logging.getLogger("orchestrator.ray")
 
     def __init__(self, cluster: RayCluster, run_id: str, placement_timeout: float, keys: CurveClientKeys):
         super().__init__()
@@ -323,18 +325,12 @@ class RayLauncher(Launcher):
         r = handle.ranks[rank]
         if not r.alive:
             return
-        r.exit_status = status
-        r.note_reason(status)
-        r.log_tail = (r.log_tail + tail)[-20:]
+        r.ended(status, tail)
         if not handle.alive:
             self.stopping.discard(handle)
             with self._lock:
                 self._groups.pop(handle, None)
-        text = " | ".join(tail)
-        log.log(logging.INFO if handle.stopping or status == "exited normally" else logging.WARNING,
-                "%s %s exited: %s%s", r.wid, r.label, status, f" (last output: {text})" if text else "",
-                extra={"wid": r.wid, "pool": handle.pool})
-        self.on_exit(ExitEvent(handle, rank, r.exit_reason, status, status == "exited normally"))
+        self._report_exit(handle, r, tail)
 
 
 def _kind(launch: SlotLaunch) -> str:

@@ -25,10 +25,8 @@ import time
 from collections import deque
 
 from protocol.workerspec import WorkerSpec
-
-# Where the `worker` package lives on this node, so the child imports it even from a checkout.
-_SOURCE_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-TAIL_LINES = 20
+from .launcher import TAIL_LINES
+from .procs import with_source_root
 
 
 class RankActor:
@@ -59,7 +57,7 @@ class RankActor:
                                    spawned_at=time.monotonic())
         full = dict(os.environ)
         full.update(env)
-        full["PYTHONPATH"] = os.pathsep.join(filter(None, [_SOURCE_ROOT, os.environ.get("PYTHONPATH")]))
+        full["PYTHONPATH"] = with_source_root(os.environ.get("PYTHONPATH"))  # this node's checkout
         self.proc = subprocess.Popen([sys.executable, "-m", "worker", "--spec", spec.encode()], env=full,
                                      stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
                                      stderr=subprocess.STDOUT, close_fds=True)

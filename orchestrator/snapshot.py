@@ -118,8 +118,8 @@ def pool_snapshot(pool, jobs, now: float) -> PoolSnapshot:
     return PoolSnapshot(
         name=pool.name, handler=pool.cfg.handler, tp=pool.cfg.tp, desired=pool.desired,
         health=pool.health(), queued=len(jobs.queue), running=jobs.running, completed=jobs.completed,
-        failed=jobs.failed, cancelled=jobs.cancelled, throughput_1m=round(jobs.throughput(now), 3), queue_size=pool.cfg.queue_size,
-        reason=pool.reason(), workers=tuple(worker_snapshot(s, now) for s in slots))
+        failed=jobs.failed, cancelled=jobs.cancelled, throughput_1m=round(jobs.throughput(now), 3),
+        queue_size=pool.cfg.queue_size, reason=pool.reason(), workers=tuple(worker_snapshot(s, now) for s in slots))
 
 
 def config_limits(cfg) -> dict:

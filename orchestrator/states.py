@@ -21,8 +21,9 @@ class WorkerState(str, enum.Enum):
     RESTARTING -> STARTING, STOPPED           waiting out its backoff
     FAILED     -> STARTING, STOPPED           a permanent failure, or the failure budget spent; serves
                                               nothing until retried (budget refilled, scale, reload)
-    STOPPED    -> STARTING                    stopped on purpose (scale down, shutdown); also the
-                                              state of a new slot, and scale-up starts it again
+    STOPPED    -> STARTING                    stopped on purpose (scale down, reload, shutdown); also
+                                              the state of a new slot; scale-up starts it again, and
+                                              reload as soon as its staged stop completes
     """
 
     STARTING = "starting"

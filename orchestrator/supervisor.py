@@ -1,8 +1,8 @@
 """Slot lifecycle policy: start, readiness, liveness (exit, heartbeat, progress), restart, staged stop.
 
 The supervisor decides; a `Launcher` (launcher.py) starts, watches and stops the processes, and the
-supervisor never touches a pid. It tells the coordinator about jobs through two callbacks:
-`on_down(slot, reason)` (requeue its in-flight jobs) and `on_change(slot)` (credits or readiness
+supervisor never touches a pid. It tells the Dispatcher (dispatch.py) about jobs through two callbacks:
+`on_down(slot, reason, code)` (requeue its in-flight jobs) and `on_change(slot)` (credits or readiness
 changed: dispatch again).
 
 Liveness is checked three ways:
@@ -44,7 +44,7 @@ class Supervisor:
         self.by_id: dict[bytes, tuple[Slot, Proc]] = {}
         self.by_handle: dict[SlotHandle, Slot] = {}  # launcher handle -> its slot (live incarnations)
         self.pool_cfgs: dict = {}
-        self.stopping = False
+        self.stopping = False  # the coordinator is stopping (stop_all): nothing restarts
         self._next_ping = 0.0
 
     # ------------------------------------------------------------------ start
@@ -232,8 +232,7 @@ class Supervisor:
             return
         if slot.state == S.STOPPED or slot.stop_reason:
             return
-        slot.budget.reset()
-        slot.consecutive_failures = 0
+        slot.reset_failures()
         if slot.state in (S.READY, S.BUSY, S.STARTING, S.LOADING):
             slot.restart_on_stop = True
             self.drain_slot(slot, reason)
@@ -244,8 +243,7 @@ class Supervisor:
         if slot.state != S.FAILED or self.stopping:
             return
         if fresh_budget:
-            slot.budget.reset()
-            slot.consecutive_failures = 0
+            slot.reset_failures()
         log.info("%s: retrying after failure (%s)", slot.name, reason, extra=ids(slot))
         self.start_slot(slot, self.pool_cfgs[slot.spec.pool])
 
@@ -294,6 +292,12 @@ class Supervisor:
                 return
 
     # ------------------------------------------------------------------ staged stop
+
+    def stop_all(self, slots: list[Slot], reason: str) -> None:
+        """Coordinator stop: the staged stop of every slot, and no restart or retry from here on."""
+        self.stopping = True
+        for slot in slots:
+            self.stop_slot(slot, reason)
 
     def drain_slot(self, slot: Slot, reason: str) -> None:
         """Scale-down: no new jobs; in-flight ones finish; then the staged stop."""
