@@ -23,6 +23,7 @@ import sys
 import time
 
 from ..launcher import exit_words
+from ..procs import with_source_root
 from ..security import is_loopback_host
 
 log = logging.getLogger("orchestrator.http")
@@ -30,7 +31,6 @@ log = logging.getLogger("orchestrator.http")
 RESTART_FIRST, RESTART_MAX = 0.2, 5.0  # restart backoff (seconds)
 HEALTHY_S = 30.0  # a gateway that ran this long restarts at once after its next exit
 STOP_BUDGET = 5.0  # seconds per stage of stop(): after SIGTERM, then after SIGKILL
-_SOURCE_ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 
 class GatewayState(enum.Enum):
@@ -88,7 +88,7 @@ class Gateway:
 
     def _spawn(self) -> None:
         env = dict(os.environ)
-        env["PYTHONPATH"] = os.pathsep.join(filter(None, [_SOURCE_ROOT, env.get("PYTHONPATH")]))
+        env["PYTHONPATH"] = with_source_root(env.get("PYTHONPATH"))
         env["PYTHONUNBUFFERED"] = "1"
         # Its output goes straight to serve's stdout/stderr, in the same log format as ours. A session of
         # its own keeps a terminal's Ctrl-C (sent to the whole foreground group) from stopping it while
