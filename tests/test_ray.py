@@ -267,7 +267,7 @@ def test_tp_groups_stay_within_one_node_and_all_reduce(cluster, tmp_path, server
 
 def serve_expecting_exit_2(tmp_path, cluster, placement_timeout: float, pools: str) -> tuple:
     """Run `serve` on the cluster with `pools`, which cannot be placed: it must exit 2. Returns its run
-    directory's parent and the last line of its stderr (the error)."""
+    directory's parent and the first line of its stderr (the error; the held log lines follow it)."""
     run_parent = tmp_path / "runs"
     run_parent.mkdir()
     config = tmp_path / "serve.toml"
@@ -277,7 +277,7 @@ def serve_expecting_exit_2(tmp_path, cluster, placement_timeout: float, pools: s
                          capture_output=True, text=True, timeout=120, env={**os.environ, "PYTHONPATH": REPO},
                          cwd=REPO)
     assert out.returncode == 2, out.stderr
-    return run_parent, out.stderr.strip().splitlines()[-1]
+    return run_parent, out.stderr.strip().splitlines()[0]
 
 
 @pytest.mark.slow
