@@ -65,6 +65,15 @@ def finish(data: dict, errors: dict, path: str | None, default_name: str) -> Non
         print(f"wrote {target}")
 
 
+def interleaved(a, b, n: int, block: int = 100) -> tuple[list, list]:
+    """n round trips each of a and b, alternating in blocks, so that both see the same load."""
+    xs, ys = [], []
+    for _ in range(max(1, n // block)):
+        xs += a(block)
+        ys += b(block)
+    return xs, ys
+
+
 def run_latency(client, pool: str, payload, n: int, timeout: float | None = None) -> list:
     """Seconds per job for `n` jobs run one at a time (`client.run`)."""
     out = []

@@ -32,7 +32,7 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _bench_common import Serve, fmt_table, pct, run_latency, run_pipelined, write_json  # noqa: E402
+from _bench_common import Serve, fmt_table, interleaved, pct, run_latency, run_pipelined, write_json  # noqa: E402
 
 import zmq  # noqa: E402
 
@@ -218,15 +218,6 @@ async def _async_latency(address: str, n: int) -> list:
 # ------------------------------------------------------------------------------------------ the run
 # The machine is shared: load comes and goes within seconds. Each round therefore measures the floor
 # and the orchestrator back to back, and each figure's ratio is the median of its per-round ratios.
-
-
-def interleaved(a, b, n: int, block: int = 100) -> tuple[list, list]:
-    """n round trips each of a and b, alternating in blocks, so that both see the same load."""
-    xs, ys = [], []
-    for _ in range(max(1, n // block)):
-        xs += a(block)
-        ys += b(block)
-    return xs, ys
 
 
 def rounds(args, floor: Floor, workers: int) -> list:

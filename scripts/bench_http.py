@@ -37,7 +37,7 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _bench_common import Serve, fmt_table, pct, run_latency, write_json  # noqa: E402
+from _bench_common import Serve, fmt_table, interleaved, pct, run_latency, write_json  # noqa: E402
 
 from orchestrator import Client  # noqa: E402
 
@@ -179,14 +179,6 @@ def zmq_rate(client: Client, pool: str, window: int, seconds: float) -> float:
     return done / (time.perf_counter() - t0)
 
 
-def interleaved(a, b, n: int, block: int = 50) -> tuple[list, list]:
-    xs, ys = [], []
-    for _ in range(max(1, n // block)):
-        xs += a(block)
-        ys += b(block)
-    return xs, ys
-
-
 # ------------------------------------------------------------------------------------------ the run
 
 
@@ -216,7 +208,7 @@ def one_round(args, url: str, bare: Bare, client: Client, procs: dict) -> dict:
     for pool in ("gen", "instant"):
         r[f"http_lat_{pool}"], r[f"zmq_lat_{pool}"] = interleaved(
             lambda k: http_latency(conn, pool, k), lambda k: run_latency(client, pool, JOB, k, timeout=30),
-            args.n_latency)
+            args.n_latency, block=50)
     conn.close()
     n, secs = args.connections, args.seconds
     # Alternate the bare endpoint and the gateway in short blocks: the load on a shared machine moves
@@ -315,7 +307,7 @@ def main(argv=None) -> int:
                 conn = http.client.HTTPConnection(host, int(port))
                 for pool in ("gen", "instant"):  # warm-up
                     interleaved(lambda k: http_latency(conn, pool, k),
-                                lambda k: run_latency(client, pool, JOB, k, timeout=30), 100)
+                                lambda k: run_latency(client, pool, JOB, k, timeout=30), 100, block=50)
                 conn.close()
                 procs = serve_processes(serve)
                 rounds = [one_round(args, url, bare, client, procs) for _ in range(args.repeat)]
