@@ -2,8 +2,8 @@
 
 Importing this package never imports torch.
 """
-from .client import Client, JobHandle, RequestError, wait_ready
-from .aioclient import AsyncClient, AsyncJob
+from orchestrator.client.sync import Client, JobHandle, RequestError, wait_ready
+from orchestrator.client.aio import AsyncClient, AsyncJob
 
 __all__ = ["AsyncClient", "AsyncJob", "Client", "JobHandle", "RequestError", "wait_ready"]
 __version__ = "0.1.0"

@@ -183,7 +183,7 @@ def validate(cfg: ServerConfig) -> None:
             raise ValueError(f"pool {p.name}: max_restarts >= 0 and restart_window > 0 are required")
         if not p.guard_timeout > 0:
             raise ValueError(f"pool {p.name}: guard_timeout must be > 0 seconds, got {p.guard_timeout!r}")
-    from .http.settings import check_http  # no web framework imported: only the bind and key rules
+    from orchestrator.http.settings import check_http  # no web framework imported: only the bind and key rules
 
     check_http(cfg)
     _validate_cluster(cfg)

@@ -102,7 +102,7 @@ def run_pipelined(client, payload, n: int, window: int, pool: str = "echo") -> f
 def require_gpus(n: int, what: str) -> int:
     """Number of visible GPUs (counted without torch or a CUDA context, so that this process holds no
     GPU memory); exits (status 1) with a clear message when fewer than `n`."""
-    from orchestrator.placement import visible_gpus
+    from orchestrator.fleet.placement import visible_gpus
 
     have = len(visible_gpus())
     if have < n:

@@ -29,7 +29,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _bench_common import Serve, fmt_table, pct, write_json  # noqa: E402
 
 from orchestrator import Client  # noqa: E402
-from orchestrator.table import render_status  # noqa: E402
+from orchestrator.cli.status_table import render_status  # noqa: E402
 from worker.handlers.basic import Sleep  # noqa: E402
 
 TARGET_P99_MS = 50.0

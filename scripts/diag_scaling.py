@@ -269,7 +269,7 @@ def cpu_check(counts: list, seconds: float = 3.0) -> dict:
     of the cores) and unpinned: any drop here is CPU contention that no GPU or socket is part of."""
     import multiprocessing as mp
 
-    from orchestrator.placement import available_cores, split_cores
+    from orchestrator.fleet.placement import available_cores, split_cores
 
     out = {}
     ctx = mp.get_context("spawn")

@@ -260,7 +260,7 @@ def check_guard(serve: Serve, pool: str, batch: list) -> Check:
 
 
 def check_mismatch(serve: Serve, pool: str, prompt: list, reference: list) -> Check:
-    from orchestrator.client import RequestError
+    from orchestrator.client.sync import RequestError
 
     c = Check("mismatch")
     before = serve.group(pool)

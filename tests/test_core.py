@@ -24,8 +24,8 @@ import pytest
 import zmq
 
 from orchestrator import AsyncClient, RequestError
-from orchestrator import cli
-from orchestrator.placement import split_cores
+from orchestrator.cli import main as cli
+from orchestrator.fleet.placement import split_cores
 from protocol import NDArray, PROTOCOL_VERSION
 
 from .conftest import REPO, Server, poll_until
@@ -605,7 +605,7 @@ def test_pool_flags_on_a_config_file_name_their_pool_or_fail(tmp_path):
 
 
 def test_pool_flags_apply_to_the_named_file_pool():
-    from orchestrator.cli import build_parser, override_file_pool
+    from orchestrator.cli.main import build_parser, override_file_pool
     from orchestrator.config import PoolConfig
 
     args = build_parser().parse_args(["serve", "--pool", "b", "--capacity", "3", "--model", "/m"])

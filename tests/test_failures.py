@@ -14,7 +14,7 @@ import time
 
 import pytest
 
-from orchestrator.client import RequestError
+from orchestrator.client.sync import RequestError
 from tests.conftest import REPO, poll_until
 
 TH = "tests.handlers_for_tests"
@@ -271,10 +271,10 @@ def test_garbage_from_a_worker_ends_its_incarnation_and_its_jobs_are_retried(ser
 def test_restart_policy_and_model_check_doctests():
     import doctest
 
-    import orchestrator.restarts
+    import orchestrator.fleet.restarts
     import worker.models
 
-    assert doctest.testmod(orchestrator.restarts).failed == 0
+    assert doctest.testmod(orchestrator.fleet.restarts).failed == 0
     assert doctest.testmod(worker.models).failed == 0
 
 
@@ -282,7 +282,7 @@ def test_decide_permanent_at_once_transient_with_backoff_then_failed_until_refil
     from types import SimpleNamespace
 
     from orchestrator.config import PoolConfig
-    from orchestrator.restarts import FailureBudget, decide
+    from orchestrator.fleet.restarts import FailureBudget, decide
 
     cfg = PoolConfig(name="p", max_restarts=2, restart_window=100.0, restart_backoff=1.0,
                      restart_backoff_max=3.0)

@@ -492,7 +492,7 @@ def test_gateway_dies_with_a_killed_coordinator(tmp_path):
 
 
 def test_the_coordinator_imports_no_web_framework():
-    code = ("import sys, orchestrator.cli, orchestrator.coordinator\n"
+    code = ("import sys, orchestrator.cli.main, orchestrator.core.coordinator\n"
             "print(sorted(m for m in ('starlette', 'uvicorn', 'httpx', 'torch') if m in sys.modules))")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=REPO, timeout=WAIT)
     assert out.returncode == 0, out.stderr
@@ -503,6 +503,6 @@ def test_loopback_rule_doctests_pass():
     """One loopback rule for the ZMQ client socket and the HTTP bind (security.is_loopback_host)."""
     import doctest
 
-    from orchestrator import security
+    from orchestrator.security import curve as security
     result = doctest.testmod(security)
     assert result.attempted >= 4 and result.failed == 0

@@ -14,12 +14,12 @@ import random
 
 import pytest
 
-from orchestrator import snapshot, views
-from orchestrator.client import RequestError
+from orchestrator.observe import snapshot, views
+from orchestrator.client.sync import RequestError
 from orchestrator.config import PoolConfig
-from orchestrator.jobtable import JobTable
-from orchestrator.pools import Pool
-from orchestrator.procs import Slot
+from orchestrator.core.jobtable import JobTable
+from orchestrator.fleet.pools import Pool
+from orchestrator.fleet.slots import Slot
 from orchestrator.states import JobState as JS, SERVING, WorkerState as WS
 from protocol.messages import Error, Result
 from tests.conftest import poll_until

@@ -7,13 +7,13 @@ import threading
 import time
 
 from orchestrator.config import PoolConfig, ServerConfig
-from orchestrator.eventloop import EventLoop
-from orchestrator.launcher import LaunchError, LoopWaker
-from orchestrator.local_launcher import LocalLauncher
-from orchestrator.metrics import NullMetrics
-from orchestrator.procs import Slot, SlotSpec, slot_launch
+from orchestrator.core.eventloop import EventLoop
+from orchestrator.launch.base import LaunchError, LoopWaker
+from orchestrator.launch.local import LocalLauncher
+from orchestrator.observe.metrics import NullMetrics
+from orchestrator.fleet.slots import Slot, SlotSpec, slot_launch
 from orchestrator.states import WorkerState as WS
-from orchestrator.supervisor import Supervisor
+from orchestrator.fleet.supervisor import Supervisor
 
 
 def _launcher(tmp_path):
@@ -106,7 +106,8 @@ def test_a_refused_launch_fails_the_slot_and_spends_its_restart_budget(tmp_path)
 def test_module_doctests_pass():
     import doctest
 
-    from orchestrator import launcher, pools
+    from orchestrator.launch import base as launcher
+    from orchestrator.fleet import pools
     for module in (launcher, pools):
         result = doctest.testmod(module)
         assert result.attempted >= 1 and result.failed == 0, module.__name__

@@ -21,12 +21,12 @@ import urllib.request
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
-from orchestrator.client import RequestError
+from orchestrator.client.sync import RequestError
 from orchestrator.config import PoolConfig
-from orchestrator.pools import Pool
-from orchestrator.procs import Slot
+from orchestrator.fleet.pools import Pool
+from orchestrator.fleet.slots import Slot
 from orchestrator.states import WorkerState as WS
-from orchestrator.pools import pool_health
+from orchestrator.fleet.pools import pool_health
 from tests.conftest import REPO, poll_until
 
 LONG_MS = 600_000  # a job that never ends by itself within a test: cancelled, or killed at teardown

@@ -5,12 +5,12 @@ import doctest
 
 import pytest
 
-from orchestrator import placement
+from orchestrator.fleet import placement
 from orchestrator.config import PoolConfig
-from orchestrator.placement import (
+from orchestrator.fleet.placement import (
     DeviceSet, assign, check_replicas, cuda_visible, parse_devices, pool_cores, split_cores, visible_gpus,
 )
-from orchestrator.pools import Pool
+from orchestrator.fleet.pools import Pool
 
 
 def test_module_doctests_pass():

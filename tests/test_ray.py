@@ -28,10 +28,10 @@ os.environ["RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"] = "0"
 os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
 
 from orchestrator.config import PoolConfig, ServerConfig
-from orchestrator.eventloop import EventLoop
-from orchestrator.launcher import Launcher, RankHandle, SlotHandle
-from orchestrator.metrics import NullMetrics
-from orchestrator.procs import Slot, SlotSpec
+from orchestrator.core.eventloop import EventLoop
+from orchestrator.launch.base import Launcher, RankHandle, SlotHandle
+from orchestrator.observe.metrics import NullMetrics
+from orchestrator.fleet.slots import Slot, SlotSpec
 from orchestrator.states import WorkerState as WS
 from protocol import Codec
 from protocol.messages import WHeartbeat
@@ -106,7 +106,7 @@ def test_without_ray_nothing_imports_ray(tmp_path):
     code = f"""
 import sys
 from orchestrator.config import PoolConfig, ServerConfig
-from orchestrator.coordinator import Coordinator
+from orchestrator.core.coordinator import Coordinator
 from orchestrator import Client
 import threading
 c = Coordinator(ServerConfig(address="tcp://127.0.0.1:0", run_dir={str(tmp_path)!r},
@@ -148,7 +148,7 @@ def test_ray_cluster_doctests():
     """The pure parts of Ray mode: resources per device kind, whether slots fit the nodes, the error."""
     import doctest
 
-    from orchestrator import ray_cluster
+    from orchestrator.launch.ray import cluster as ray_cluster
 
     result = doctest.testmod(ray_cluster)
     assert result.attempted >= 3 and result.failed == 0
@@ -175,7 +175,7 @@ def test_a_rank_waiting_for_room_is_not_silent(tmp_path, monkeypatch):
     """Supervision counts start-up silence only from when a rank's process exists, so a slot waiting
     for room in the cluster stays `starting` (it is placed when a node joins) instead of burning its
     restart budget; the same silence from a started rank is still fatal."""
-    from orchestrator import supervisor as sup_mod
+    from orchestrator.fleet import supervisor as sup_mod
 
     monkeypatch.setattr(sup_mod, "START_TIMEOUT", 0.2)
     states = {}

@@ -23,7 +23,7 @@ import zmq.auth
 from zmq.utils.monitor import recv_monitor_message
 
 from orchestrator import Client, RequestError, wait_ready
-from orchestrator.security import is_local
+from orchestrator.security.curve import is_local
 from protocol.messages import CLIENT_REQUESTS
 from tests.conftest import REPO, Server, poll_until
 

@@ -20,8 +20,8 @@ import psutil
 import pytest
 import zmq
 
-from orchestrator.client import RequestError
-from orchestrator.stale import find_stale
+from orchestrator.client.sync import RequestError
+from orchestrator.launch.stale import find_stale
 from protocol.workerspec import WorkerSpec
 from protocol import Codec
 from protocol.messages import Error, Ok, Result, Status, Submit

@@ -15,7 +15,7 @@ import time
 
 import pytest
 
-from orchestrator.client import RequestError
+from orchestrator.client.sync import RequestError
 from tests.conftest import REPO, Server, poll_until
 
 pytestmark = pytest.mark.slow

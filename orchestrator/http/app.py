@@ -19,12 +19,12 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 
-from orchestrator.aioclient import AsyncClient
-from orchestrator.client import RequestError
+from orchestrator.client.aio import AsyncClient
+from orchestrator.client.sync import RequestError
 from protocol import errors as E
-from . import openai_format as fmt
-from .openai_format import ApiError
-from .sse import SSEResponse, sse_event
+from orchestrator.http import openai_format as fmt
+from orchestrator.http.openai_format import ApiError
+from orchestrator.http.sse import SSEResponse, sse_event
 
 log = logging.getLogger("orchestrator.http")
 

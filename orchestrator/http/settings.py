@@ -1,7 +1,7 @@
 """The HTTP gateway's config rules, checked before anything starts (imports no web framework)."""
 from __future__ import annotations
 
-from ..security import is_loopback_host
+from orchestrator.security.curve import is_loopback_host
 
 
 def load_keys(path: str) -> list[str]:

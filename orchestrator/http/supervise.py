@@ -22,9 +22,9 @@ import subprocess
 import sys
 import time
 
-from ..launcher import exit_words
-from ..procs import with_source_root
-from ..security import is_loopback_host
+from orchestrator.launch.base import exit_words
+from orchestrator.fleet.slots import with_source_root
+from orchestrator.security.curve import is_loopback_host
 
 log = logging.getLogger("orchestrator.http")
 

@@ -14,8 +14,8 @@ import time
 
 from protocol import JobError, Limits
 
-from . import logs
-from .config import DEFAULT_ADDRESS, PoolConfig, ServerConfig, load_toml, validate
+from orchestrator import logs
+from orchestrator.config import DEFAULT_ADDRESS, PoolConfig, ServerConfig, load_toml, validate
 
 EXIT_OK, EXIT_FAILED, EXIT_USAGE, EXIT_NO_ANSWER = 0, 1, 2, 3
 # serve holds its log lines while the pools first load, so that a startup failure is the first line on
@@ -160,9 +160,9 @@ def apply_pool_flags(pool: PoolConfig, args) -> None:
 
 
 def cmd_serve(args) -> int:
-    from .coordinator import Coordinator
-    from .security import InsecureBind
-    from .stale import handle_stale
+    from orchestrator.core.coordinator import Coordinator
+    from orchestrator.security.curve import InsecureBind
+    from orchestrator.launch.stale import handle_stale
 
     try:
         cfg = build_config(args)
@@ -216,7 +216,7 @@ def add_client_flags(p) -> None:
 
 
 def make_client(args):
-    from .client import Client
+    from orchestrator.client.sync import Client
 
     curve = None
     if args.curve_server_key:
@@ -271,7 +271,7 @@ def add_simple(sub, name: str, help: str, func, extra=None) -> None:
 
 def _call(args, fn) -> int:
     """Run a client call, mapping errors to exit codes."""
-    from .client import RequestError
+    from orchestrator.client.sync import RequestError
 
     try:
         with make_client(args) as c:
@@ -285,7 +285,7 @@ def _call(args, fn) -> int:
 
 
 def cmd_status(args) -> int:
-    from .table import render_status
+    from orchestrator.cli.status_table import render_status
 
     def once(c) -> int:
         st = c.status()
@@ -327,7 +327,7 @@ def cmd_stop(args) -> int:
 
 
 def cmd_keygen(args) -> int:
-    from .security import keygen
+    from orchestrator.security.curve import keygen
 
     try:
         paths = keygen(args.dir, tuple(args.names))
@@ -340,7 +340,7 @@ def cmd_keygen(args) -> int:
 
 
 def cmd_demo(args) -> int:
-    from .demo import run_demo
+    from orchestrator.cli.demo import run_demo
 
     return run_demo(args)
 

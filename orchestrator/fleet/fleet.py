@@ -8,10 +8,10 @@ from __future__ import annotations
 
 import logging
 
-from .placement import available_cores, pool_cores
-from .pools import Pool
-from .procs import Slot
-from .states import WorkerState as WS
+from orchestrator.fleet.placement import available_cores, pool_cores
+from orchestrator.fleet.pools import Pool
+from orchestrator.fleet.slots import Slot
+from orchestrator.states import WorkerState as WS
 
 log = logging.getLogger("orchestrator.coordinator")
 

@@ -30,9 +30,9 @@ from dataclasses import dataclass, field
 
 from protocol.curve import CurveClientKeys
 from protocol.workerspec import WorkerSpec
-from .launcher import Launcher, LoopWaker, RankHandle, SlotHandle, SlotLaunch, exit_words
-from .ray_cluster import Demand, RayCluster, resource_of
-from .ray_rank import RankActor
+from orchestrator.launch.base import Launcher, LoopWaker, RankHandle, SlotHandle, SlotLaunch, exit_words
+from orchestrator.launch.ray.cluster import Demand, RayCluster, resource_of
+from orchestrator.launch.ray.rank import RankActor
 
 log = logging.getLogger("orchestrator.ray")
 

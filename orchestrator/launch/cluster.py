@@ -8,14 +8,14 @@ from __future__ import annotations
 
 import os
 
-from .launcher import Launcher
-from .security import WorkerKeys
+from orchestrator.launch.base import Launcher
+from orchestrator.security.curve import WorkerKeys
 
 
 def make_launcher(cfg, run_dir: str, keys: WorkerKeys) -> Launcher:
     """Ray mode: a Ray launcher that has joined the cluster (ValueError if it cannot)."""
-    from .ray_cluster import RayCluster
-    from .ray_launcher import RayLauncher
+    from orchestrator.launch.ray.cluster import RayCluster
+    from orchestrator.launch.ray.launcher import RayLauncher
 
     ray_cluster = RayCluster(cfg.ray, forward_output=cfg.log_format == "text")
     launcher = RayLauncher(ray_cluster, os.path.basename(run_dir), cfg.placement_timeout, keys.worker)
@@ -36,7 +36,7 @@ def reserve(cfg, launcher: Launcher, pools: dict) -> None:
     names what was asked and what the cluster has). Locally: nothing to do."""
     if cfg.ray is None:
         return
-    from .ray_cluster import Demand, resource_of
+    from orchestrator.launch.ray.cluster import Demand, resource_of
 
     demands = [Demand(f"{pool.name}/{i}", resource_of(pool.device_set.kind), pool.cfg.tp)
                for pool in pools.values() for i in range(pool.desired)]

@@ -11,15 +11,15 @@ import time
 from dataclasses import dataclass, field
 
 from protocol.workerspec import CONTROL, DATA, GUARD_TIMEOUT_S, WorkerSpec, routing_id
-from .jobtable import SlotLoad
-from .launcher import RankHandle, RankLaunch, SlotHandle, SlotLaunch
-from .placement import cuda_visible
-from .restarts import FailureBudget
-from .states import WORKER_TRANSITIONS, WorkerState, move
+from orchestrator.core.jobtable import SlotLoad
+from orchestrator.launch.base import RankHandle, RankLaunch, SlotHandle, SlotLaunch
+from orchestrator.fleet.placement import cuda_visible
+from orchestrator.fleet.restarts import FailureBudget
+from orchestrator.states import WORKER_TRANSITIONS, WorkerState, move
 
 
 # Where the `worker` package lives, so workers import it even from an uninstalled checkout.
-_SOURCE_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+_SOURCE_ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 # NVLink multicast can take shared GPUs out of service; keep it off in every child we start.
 _SAFE_ENV = {"NCCL_NVLS_ENABLE": "0", "TORCH_SYMM_MEM_DISABLE_MULTICAST": "1", "NVSHMEM_DISABLE_NVLS": "1"}
 

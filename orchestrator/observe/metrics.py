@@ -23,6 +23,6 @@ class NullMetrics:
 def make_metrics(cfg):
     if cfg.metrics_port is None:
         return NullMetrics()
-    from .prometheus import PrometheusMetrics  # imported only when enabled
+    from orchestrator.observe.prometheus import PrometheusMetrics  # imported only when enabled
 
     return PrometheusMetrics(cfg.metrics_host, cfg.metrics_port)

@@ -20,18 +20,20 @@ import zmq
 from protocol import Codec, errors as E
 from protocol.codec import INTERNAL_LIMITS
 from protocol.messages import CLIENT_REQUEST_OPS
-from . import cluster, security, snapshot
-from .client_ops import ClientOps, replier
-from .config import ServerConfig, validate
-from .dispatch import Dispatcher
-from .eventloop import EventLoop, Outbox, Signals, send_frames
-from .fleet import Fleet
-from .http.supervise import Gateway  # [http gateway hook] no web framework: that lives in the gateway process
-from .local_launcher import LocalLauncher
-from .metrics import make_metrics
-from .pools import Pool
-from .states import COORDINATOR_TRANSITIONS, CoordinatorState as CS, move
-from .supervisor import Supervisor
+from orchestrator.launch import cluster
+from orchestrator.security import curve as security
+from orchestrator.observe import snapshot
+from orchestrator.core.client_ops import ClientOps, replier
+from orchestrator.config import ServerConfig, validate
+from orchestrator.core.dispatch import Dispatcher
+from orchestrator.core.eventloop import EventLoop, Outbox, Signals, send_frames
+from orchestrator.fleet.fleet import Fleet
+from orchestrator.http.supervise import Gateway  # [http gateway hook] no web framework: that lives in the gateway process
+from orchestrator.launch.local import LocalLauncher
+from orchestrator.observe.metrics import make_metrics
+from orchestrator.fleet.pools import Pool
+from orchestrator.states import COORDINATOR_TRANSITIONS, CoordinatorState as CS, move
+from orchestrator.fleet.supervisor import Supervisor
 
 log = logging.getLogger("orchestrator.coordinator")
 

@@ -10,7 +10,7 @@ import socket
 import subprocess
 import sys
 
-from .launcher import TAIL_LINES, Launcher, RankHandle, RankLaunch, SlotHandle, SlotLaunch, exit_words
+from orchestrator.launch.base import TAIL_LINES, Launcher, RankHandle, RankLaunch, SlotHandle, SlotLaunch, exit_words
 
 log = logging.getLogger("orchestrator.launcher")
 wlog = logging.getLogger("worker")  # captured worker output

@@ -13,10 +13,10 @@ import zmq
 
 from protocol import ProtocolError, errors as E
 from protocol.messages import Cancel, Error, Health, Ok, Ping, Reload, Scale, Status, Stop, Submit
-from . import views
-from .dispatch import RECV_BATCH
-from .jobtable import JobTable
-from .states import CoordinatorState as CS, JobState as JS
+from orchestrator.observe import views
+from orchestrator.core.dispatch import RECV_BATCH
+from orchestrator.core.jobtable import JobTable
+from orchestrator.states import CoordinatorState as CS, JobState as JS
 
 log = logging.getLogger("orchestrator.coordinator")
 

@@ -10,7 +10,7 @@ import dataclasses
 import os
 from dataclasses import dataclass
 
-from .states import WorkerState
+from orchestrator.states import WorkerState
 
 
 @dataclass(frozen=True)

@@ -4,7 +4,7 @@ from __future__ import annotations
 import time
 from typing import Any
 
-from .states import JOB_TRANSITIONS, TERMINAL, JobState, move
+from orchestrator.states import JOB_TRANSITIONS, TERMINAL, JobState, move
 
 
 class Job:

@@ -25,8 +25,8 @@ import time
 from collections import deque
 
 from protocol.workerspec import WorkerSpec
-from .launcher import TAIL_LINES
-from .procs import with_source_root
+from orchestrator.launch.base import TAIL_LINES
+from orchestrator.fleet.slots import with_source_root
 
 
 class RankActor:

@@ -26,8 +26,8 @@ from typing import Callable
 
 from protocol import errors as E
 from protocol.messages import Error
-from .jobs import Job
-from .states import JobState as JS
+from orchestrator.core.jobs import Job
+from orchestrator.states import JobState as JS
 
 THROUGHPUT_WINDOW = 60.0  # seconds over which a pool's jobs/s is measured
 

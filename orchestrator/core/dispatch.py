@@ -17,9 +17,9 @@ from protocol.messages import (
     WResult, WRun,
 )
 from protocol import ProtocolError, errors as E
-from .jobtable import JobTable
-from .logs import ids
-from .states import JobState as JS, WorkerState as WS
+from orchestrator.core.jobtable import JobTable
+from orchestrator.logs import ids
+from orchestrator.states import JobState as JS, WorkerState as WS
 
 log = logging.getLogger("orchestrator.coordinator")
 

@@ -17,11 +17,11 @@ import time
 from typing import Callable
 
 from protocol.messages import WGroupInfo, WPing, WStop
-from .launcher import ExitEvent, LaunchError, Launcher, SlotHandle
-from .logs import ids
-from .procs import Proc, Slot, slot_launch
-from .restarts import decide
-from .states import LIVE, SERVING, WorkerState as S
+from orchestrator.launch.base import ExitEvent, LaunchError, Launcher, SlotHandle
+from orchestrator.logs import ids
+from orchestrator.fleet.slots import Proc, Slot, slot_launch
+from orchestrator.fleet.restarts import decide
+from orchestrator.states import LIVE, SERVING, WorkerState as S
 
 log = logging.getLogger("orchestrator.supervisor")
 

@@ -17,8 +17,8 @@ from typing import Callable
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, start_http_server
 
 from protocol.messages import Error
-from . import views
-from .states import JobState, WorkerState
+from orchestrator.observe import views
+from orchestrator.states import JobState, WorkerState
 
 log = logging.getLogger("orchestrator.metrics")
 

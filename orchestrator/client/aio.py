@@ -25,8 +25,8 @@ from protocol.codec import INTERNAL_LIMITS
 from protocol.messages import (
     Cancel, Chunk, Error, Health, Ping, Reload, Result, Scale, Status, Stop, Submit,
 )
-from . import security
-from .client import RequestError
+from orchestrator.security import curve as security
+from orchestrator.client.sync import RequestError
 
 _DONE = object()
 RECV_BATCH = 1024  # replies handled per wake-up before yielding to other tasks

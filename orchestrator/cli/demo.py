@@ -14,8 +14,8 @@ import sys
 import tempfile
 import time
 
-from .client import Client
-from .placement import parse_devices
+from orchestrator.client.sync import Client
+from orchestrator.fleet.placement import parse_devices
 
 SUBJECTS = ["The GPU", "A worker process", "The coordinator", "My cat", "The tokenizer", "A small model",
             "The scheduler", "An old laptop", "The data centre", "A tensor"]

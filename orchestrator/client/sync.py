@@ -29,7 +29,7 @@ from protocol.codec import INTERNAL_LIMITS
 from protocol.messages import (
     Cancel, Chunk, Error, Health, Ping, Reload, Result, Scale, Status, Stop, Submit,
 )
-from . import security
+from orchestrator.security import curve as security
 
 
 class RequestError(JobError):

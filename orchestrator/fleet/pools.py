@@ -5,10 +5,10 @@ Launcher do that), and its jobs (its queue and counts) belong to the JobTable.
 """
 from __future__ import annotations
 
-from .config import PoolConfig
-from .placement import assign, check_replicas, parse_devices
-from .procs import Slot, SlotSpec
-from .states import LIVE, SERVING, WorkerState
+from orchestrator.config import PoolConfig
+from orchestrator.fleet.placement import assign, check_replicas, parse_devices
+from orchestrator.fleet.slots import Slot, SlotSpec
+from orchestrator.states import LIVE, SERVING, WorkerState
 
 # Slots that are supposed to be serving but cannot: they make a pool `degraded`.
 UNHEALTHY = {WorkerState.DEAD, WorkerState.STUCK, WorkerState.RESTARTING, WorkerState.FAILED,

@@ -1,0 +1,1 @@
+"""The `orchestrator` command: serve, the client commands, the status table, the demo."""

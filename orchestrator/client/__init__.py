@@ -1,0 +1,1 @@
+"""The client side: sync and asyncio clients. Imports nothing from the server side."""

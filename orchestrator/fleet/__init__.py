@@ -1,0 +1,1 @@
+"""The fleet: pools of slots, their supervision, restarts, and placement on devices."""

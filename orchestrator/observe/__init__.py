@@ -1,0 +1,1 @@
+"""What the coordinator shows: the snapshot, status and health views, metrics, Prometheus."""

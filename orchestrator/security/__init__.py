@@ -1,0 +1,1 @@
+"""CURVE setup, the bind policy, and the handshake monitor."""
