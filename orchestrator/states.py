@@ -8,7 +8,7 @@ class InvalidTransition(RuntimeError):
     pass
 
 
-class WorkerState(str, enum.Enum):
+class SlotState(str, enum.Enum):
     """State of a worker slot (one process, or one TP group of processes).
 
     STARTING   -> LOADING, DEAD, STOPPED      process(es) spawned, no hello yet
@@ -38,7 +38,7 @@ class WorkerState(str, enum.Enum):
     STOPPED = "stopped"
 
 
-S = WorkerState
+S = SlotState
 WORKER_TRANSITIONS = {
     S.STARTING: {S.LOADING, S.DEAD, S.STOPPED},
     S.LOADING: {S.READY, S.DEAD, S.STUCK, S.STOPPED},
@@ -82,18 +82,20 @@ TERMINAL = {J.DONE, J.FAILED, J.CANCELLED}
 
 
 class CoordinatorState(str, enum.Enum):
-    """RUNNING -> DRAINING -> STOPPING -> STOPPED (or RUNNING -> STOPPING without drain)."""
+    """RUNNING -> SHUTTING_DOWN -> STOPPING -> STOPPED (or RUNNING -> STOPPING without drain).
+
+    SHUTTING_DOWN: new submits are refused (`shutting_down`) while accepted jobs drain."""
 
     RUNNING = "running"
-    DRAINING = "shutting_down"
+    SHUTTING_DOWN = "shutting_down"
     STOPPING = "stopping"
     STOPPED = "stopped"
 
 
 C = CoordinatorState
 COORDINATOR_TRANSITIONS = {
-    C.RUNNING: {C.DRAINING, C.STOPPING},
-    C.DRAINING: {C.STOPPING},
+    C.RUNNING: {C.SHUTTING_DOWN, C.STOPPING},
+    C.SHUTTING_DOWN: {C.STOPPING},
     C.STOPPING: {C.STOPPED},
     C.STOPPED: set(),
 }

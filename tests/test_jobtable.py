@@ -20,7 +20,7 @@ from orchestrator.config import PoolConfig
 from orchestrator.core.jobtable import JobTable
 from orchestrator.fleet.pools import Pool
 from orchestrator.fleet.slots import Slot
-from orchestrator.states import JobState as JS, SERVING, WorkerState as WS
+from orchestrator.states import JobState as JS, SERVING, SlotState as WS
 from protocol.messages import Error, Result
 from tests.conftest import poll_until
 

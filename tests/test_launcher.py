@@ -12,7 +12,7 @@ from orchestrator.launch.base import LaunchError, LoopWaker
 from orchestrator.launch.local import LocalLauncher
 from orchestrator.observe.metrics import NullMetrics
 from orchestrator.fleet.slots import Slot, SlotSpec, slot_launch
-from orchestrator.states import WorkerState as WS
+from orchestrator.states import SlotState as WS
 from orchestrator.fleet.supervisor import Supervisor
 
 

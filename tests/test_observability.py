@@ -25,7 +25,7 @@ from orchestrator.client.sync import RequestError
 from orchestrator.config import PoolConfig
 from orchestrator.fleet.pools import Pool
 from orchestrator.fleet.slots import Slot
-from orchestrator.states import WorkerState as WS
+from orchestrator.states import SlotState as WS
 from orchestrator.fleet.pools import pool_health
 from tests.conftest import REPO, poll_until
 

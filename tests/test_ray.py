@@ -32,7 +32,7 @@ from orchestrator.core.eventloop import EventLoop
 from orchestrator.launch.base import Launcher, RankHandle, SlotHandle
 from orchestrator.observe.metrics import NullMetrics
 from orchestrator.fleet.slots import Slot, SlotSpec
-from orchestrator.states import WorkerState as WS
+from orchestrator.states import SlotState as WS
 from protocol import Codec
 from protocol.messages import WHeartbeat
 from tests.conftest import REPO, Server, poll_until

@@ -188,7 +188,7 @@ class Coordinator:
         for monitor in (self.monitor, self.wmonitor):
             if monitor is not None:  # suppressed-refusal counts reach the log without a next refusal
                 monitor.flush()
-        if self.state == CS.DRAINING:
+        if self.state == CS.SHUTTING_DOWN:
             self._check_drained(now)
         if self.state == CS.STOPPING and self.fleet.stopped():
             move(self, CS.STOPPED, COORDINATOR_TRANSITIONS)
@@ -248,7 +248,7 @@ class Coordinator:
         name = signal.Signals(signum).name
         if self.state == CS.RUNNING:
             self.request_stop(f"received {name}", drain=True)
-        elif self.state == CS.DRAINING and signum == signal.SIGINT:
+        elif self.state == CS.SHUTTING_DOWN and signum == signal.SIGINT:
             self.request_stop(f"received {name} again", drain=False)
 
     def request_stop(self, reason: str, drain: bool = True) -> None:
@@ -259,7 +259,7 @@ class Coordinator:
         if drain and self.state == CS.RUNNING:
             log.info("draining (%s): %d unfinished job(s), up to %.0f s", reason,
                      self.dispatcher.table.unfinished(), self.cfg.drain_timeout)
-            move(self, CS.DRAINING, COORDINATOR_TRANSITIONS)
+            move(self, CS.SHUTTING_DOWN, COORDINATOR_TRANSITIONS)
             self.drain_deadline = time.monotonic() + self.cfg.drain_timeout
             return
         self._stop_workers(reason)

@@ -19,7 +19,7 @@ from protocol.messages import (
 from protocol import ProtocolError, errors as E
 from orchestrator.core.jobtable import JobTable
 from orchestrator.logs import ids
-from orchestrator.states import JobState as JS, WorkerState as WS
+from orchestrator.states import JobState as JS, SlotState as WS
 
 log = logging.getLogger("orchestrator.coordinator")
 

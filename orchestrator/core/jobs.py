@@ -8,13 +8,14 @@ from orchestrator.states import JOB_TRANSITIONS, TERMINAL, JobState, move
 
 
 class Job:
-    """One accepted job. `client` + `cid` address its replies; `jid` names it to workers."""
+    """One accepted job. `client` (the client's ZMQ routing frames) + `cid` (its request id) address its
+    replies; `jid` names it to workers."""
 
     __slots__ = ("jid", "client", "cid", "pool", "input", "stream", "retries", "state", "slot",
                  "crashes", "chunks_sent", "accepted_at", "started_at", "first_chunk_at",
                  "deadline")
 
-    def __init__(self, jid: int, client: bytes, cid: Any, pool: str, input: Any, stream: bool,
+    def __init__(self, jid: int, client: tuple, cid: Any, pool: str, input: Any, stream: bool,
                  retries: int, deadline: float | None):
         self.jid = jid
         self.client, self.cid, self.pool = client, cid, pool

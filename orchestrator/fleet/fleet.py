@@ -11,7 +11,7 @@ import logging
 from orchestrator.fleet.placement import available_cores, pool_cores
 from orchestrator.fleet.pools import Pool
 from orchestrator.fleet.slots import Slot
-from orchestrator.states import WorkerState as WS
+from orchestrator.states import SlotState as WS
 
 log = logging.getLogger("orchestrator.coordinator")
 

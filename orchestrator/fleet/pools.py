@@ -8,11 +8,11 @@ from __future__ import annotations
 from orchestrator.config import PoolConfig
 from orchestrator.fleet.placement import assign, check_replicas, parse_devices
 from orchestrator.fleet.slots import Slot, SlotSpec
-from orchestrator.states import LIVE, SERVING, WorkerState
+from orchestrator.states import LIVE, SERVING, SlotState
 
 # Slots that are supposed to be serving but cannot: they make a pool `degraded`.
-UNHEALTHY = {WorkerState.DEAD, WorkerState.STUCK, WorkerState.RESTARTING, WorkerState.FAILED,
-             WorkerState.STARTING, WorkerState.LOADING}
+UNHEALTHY = {SlotState.DEAD, SlotState.STUCK, SlotState.RESTARTING, SlotState.FAILED,
+             SlotState.STARTING, SlotState.LOADING}
 
 
 class Pool:
@@ -50,15 +50,15 @@ class Pool:
         """(settled, failure): settled once every slot served or failed; failure is the first failed
         slot's reason (a permanent failure, or a failure budget spent while loading)."""
         slots = self.live_slots()
-        if any(s.state not in SERVING and s.state not in (WorkerState.FAILED, WorkerState.DRAINING)
+        if any(s.state not in SERVING and s.state not in (SlotState.FAILED, SlotState.DRAINING)
                for s in slots):
             return False, None
-        failed = [s for s in slots if s.state == WorkerState.FAILED]
+        failed = [s for s in slots if s.state == SlotState.FAILED]
         failed.sort(key=lambda s: (not s.permanent, s.spec.index))
         return True, (f"{failed[0].name}: {failed[0].last_exit_reason}" if failed else None)
 
     def live_slots(self) -> list[Slot]:
-        return [s for s in self.slots.values() if s.state != WorkerState.STOPPED]
+        return [s for s in self.slots.values() if s.state != SlotState.STOPPED]
 
     # ------------------------------------------------------------------ dispatch
 
@@ -84,8 +84,8 @@ class Pool:
     def reason(self) -> str | None:
         """Why the pool is not ready, in words: the first failed (else dead) slot's last exit reason."""
         slots = sorted(self.live_slots(), key=lambda s: s.spec.index)
-        down = (WorkerState.DEAD, WorkerState.RESTARTING, WorkerState.STUCK)
-        for states in ((WorkerState.FAILED,), down):
+        down = (SlotState.DEAD, SlotState.RESTARTING, SlotState.STUCK)
+        for states in ((SlotState.FAILED,), down):
             for s in slots:
                 if s.state in states and s.last_exit_reason:
                     return f"{s.name}: {s.last_exit_reason}"
@@ -93,7 +93,7 @@ class Pool:
 
     def can_ever_serve(self) -> bool:
         """False when no slot is alive or coming back: jobs would wait forever (`unavailable`)."""
-        return any(s.state in LIVE or s.state in (WorkerState.DEAD, WorkerState.RESTARTING)
+        return any(s.state in LIVE or s.state in (SlotState.DEAD, SlotState.RESTARTING)
                    for s in self.slots.values())
 
     # ------------------------------------------------------------------ scale
@@ -102,7 +102,7 @@ class Pool:
         """Indices to start and slots to drain to reach `replicas`; raises ValueError (changing
         nothing) when the pool's devices cannot hold that many."""
         check_replicas(len(self.groups), replicas, self.cfg.tp, self.device_set)
-        live = [s for s in self.live_slots() if s.state != WorkerState.DRAINING]
+        live = [s for s in self.live_slots() if s.state != SlotState.DRAINING]
         if replicas >= len(live):
             used = {s.spec.index for s in self.live_slots()}
             free = [i for i in range(len(self.groups)) if i not in used]
@@ -123,14 +123,14 @@ def pool_health(states: list) -> str:
 
     Draining slots (scale-down) are neither: they are on their way out by choice; stopped ones are gone.
 
-    >>> S = WorkerState
+    >>> S = SlotState
     >>> pool_health([S.READY, S.DRAINING]), pool_health([S.BUSY, S.DEAD]), pool_health([S.DRAINING])
     ('ready', 'degraded', 'unavailable')
     >>> pool_health([S.FAILED, S.STOPPED]), pool_health([S.FAILED, S.RESTARTING])
     ('failed', 'unavailable')
     """
-    shown = [s for s in states if s != WorkerState.STOPPED]
-    if shown and all(s == WorkerState.FAILED for s in shown):
+    shown = [s for s in states if s != SlotState.STOPPED]
+    if shown and all(s == SlotState.FAILED for s in shown):
         return "failed"
     if not any(s in SERVING for s in states):
         return "unavailable"

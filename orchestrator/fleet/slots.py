@@ -15,7 +15,7 @@ from orchestrator.core.jobtable import SlotLoad
 from orchestrator.launch.base import RankHandle, RankLaunch, SlotHandle, SlotLaunch
 from orchestrator.fleet.placement import cuda_visible
 from orchestrator.fleet.restarts import FailureBudget
-from orchestrator.states import WORKER_TRANSITIONS, WorkerState, move
+from orchestrator.states import WORKER_TRANSITIONS, SlotState, move
 
 
 # Where the `worker` package lives, so workers import it even from an uninstalled checkout.
@@ -80,7 +80,7 @@ class Slot:
     def __init__(self, spec: SlotSpec):
         self.spec = spec
         self.name = spec.wid
-        self.state = WorkerState.STOPPED
+        self.state = SlotState.STOPPED
         self.incarnation = 0
         self.procs: list[Proc] = []
         self.capacity = 0
@@ -102,7 +102,7 @@ class Slot:
         self.stop_reason: str | None = None  # set when we stop it on purpose
         self.handle: SlotHandle | None = None  # its launcher's handle for the current incarnation
 
-    def set_state(self, new: WorkerState) -> None:
+    def set_state(self, new: SlotState) -> None:
         if new != self.state:
             move(self, new, WORKER_TRANSITIONS)
             self.state_since = time.monotonic()

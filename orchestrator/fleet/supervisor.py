@@ -21,7 +21,7 @@ from orchestrator.launch.base import ExitEvent, LaunchError, Launcher, SlotHandl
 from orchestrator.logs import ids
 from orchestrator.fleet.slots import Proc, Slot, slot_launch
 from orchestrator.fleet.restarts import decide
-from orchestrator.states import LIVE, SERVING, WorkerState as S
+from orchestrator.states import LIVE, SERVING, SlotState as S
 
 log = logging.getLogger("orchestrator.supervisor")
 

@@ -18,7 +18,7 @@ from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, star
 
 from protocol.messages import Error
 from orchestrator.observe import views
-from orchestrator.states import JobState, WorkerState
+from orchestrator.states import JobState, SlotState
 
 log = logging.getLogger("orchestrator.metrics")
 
@@ -185,7 +185,7 @@ class PrometheusMetrics:
             for w in pool.workers:
                 v = views.worker_view(w)
                 key = (name, w.name)
-                state.update({(*key, s.value): int(s == w.state) for s in WorkerState})
+                state.update({(*key, s.value): int(s == w.state) for s in SlotState})
                 inflight[key] = v["inflight"]
                 where.update({(*key, r["host"] or "", r["node"] or ""): 1 for r in v["ranks"] if r["alive"]})
                 if v["heartbeat_age"] is not None:  # no live process: no heartbeat to age

@@ -10,7 +10,7 @@ import dataclasses
 import os
 from dataclasses import dataclass
 
-from orchestrator.states import WorkerState
+from orchestrator.states import SlotState
 
 
 @dataclass(frozen=True)
@@ -32,7 +32,7 @@ class RankSnapshot:
 class WorkerSnapshot:
     name: str
     index: int
-    state: WorkerState
+    state: SlotState
     devices: tuple
     running: int  # jobs running on it
     awaiting_ack: int  # jobs ended while running whose end the worker has not acknowledged
@@ -106,7 +106,7 @@ def worker_snapshot(slot, now: float) -> WorkerSnapshot:
 
 def _failure(slot, now: float) -> dict | None:
     """Why a `failed` slot serves nothing, and whether anything but the operator will retry it."""
-    if slot.state != WorkerState.FAILED:
+    if slot.state != SlotState.FAILED:
         return None
     return {"reason": slot.last_exit_reason, "code": slot.last_exit_code, "permanent": slot.permanent,
             "retry_in": None if slot.retry_at is None else round(max(slot.retry_at - now, 0.0), 3)}

@@ -6,7 +6,7 @@ busy or hung: no I/O, no locks, no waiting on a worker.
 from __future__ import annotations
 
 from orchestrator.observe.snapshot import PoolSnapshot, RankSnapshot, Snapshot, WorkerSnapshot
-from orchestrator.states import WorkerState as WS
+from orchestrator.states import SlotState as WS
 
 
 def _rank_view(r: RankSnapshot) -> dict:
