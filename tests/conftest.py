@@ -15,6 +15,9 @@ from orchestrator import Client, wait_ready
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+# Every coordinator a test starts checks the job table's and the slots' invariants after each loop turn
+# and stops on a violation, so the real Dispatcher and Supervisor run under the check.
+os.environ.setdefault("ORCHESTRATOR_VALIDATE", "1")
 
 
 def pytest_addoption(parser):

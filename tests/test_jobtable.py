@@ -215,3 +215,14 @@ def test_cancelled_running_job_keeps_its_credit_until_the_worker_answers(serve, 
     assert (p["inflight"], p["queue_depth"], p["completed"], p["failed"]) == (0, 0, 1, 2), p
     # A worker counts only what it answered while the job was running: the third job's result.
     assert sorted((w["completed"], w["failed"]) for w in p["workers"]) == [(0, 0), (1, 0)], p
+
+
+def test_slot_check_catches_a_flag_that_disagrees_with_its_credits():
+    """The coordinator's per-turn check (ORCHESTRATOR_VALIDATE=1) fails loudly on a slot whose BUSY/READY
+    flag disagrees with the credits it holds."""
+    pool = Pool(PoolConfig(name="p", handler="echo", devices="cpu:1"))
+    slot = Slot(pool.slot_spec(0, []))
+    slot.validate_state()  # a new slot: STOPPED, nothing held
+    slot.load.held = 1
+    with pytest.raises(AssertionError, match="stopped while holding 1 credit"):
+        slot.validate_state()

@@ -26,6 +26,7 @@ from orchestrator.observe import snapshot
 from orchestrator.core.client_ops import ClientOps, replier
 from orchestrator.config import ServerConfig, validate
 from orchestrator.core.dispatch import Dispatcher
+from orchestrator.core.jobtable import JobTable
 from orchestrator.core.eventloop import EventLoop, Outbox, Signals, send_frames
 from orchestrator.fleet.fleet import Fleet
 from orchestrator.http.supervise import Gateway  # [http gateway hook] no web framework: that lives in the gateway process
@@ -66,7 +67,11 @@ class Coordinator:
         # Created by start(); None until then so shutdown() is safe after a failed start.
         self.zctx = self.auth = self.csock = self.wsock = self.loop = self.monitor = None
         self.endpoint = self.worker_endpoint = self.run_dir = None
-        self.sup = self.dispatcher = self.fleet = self.client = self.signals = None
+        self.sup = self.table = self.dispatcher = self.fleet = self.client = self.signals = None
+        self._reply = None  # set by _wire(): queues a message to a client for the turn's flush
+        # Debug/test mode: the job table's and the slots' invariants are checked after every loop turn,
+        # and a violation stops the coordinator (tests run with it on; it costs O(jobs) per turn).
+        self.validate = os.environ.get("ORCHESTRATOR_VALIDATE") == "1"
         self.wmonitor: security.HandshakeMonitor | None = None  # Ray mode: refusals on the worker socket
         self.worker_keys: security.WorkerKeys | None = None  # Ray mode: the worker socket's CURVE keys
         # Startup: every pool's first load settles (served or failed), then on_startup({pool: reason})
@@ -107,14 +112,15 @@ class Coordinator:
         return self.endpoint
 
     def _wire(self) -> None:
-        reply = replier(self.csock, self.codec, self.out)
-        # The supervisor reports slot events to the dispatcher, built next, which needs the supervisor.
+        self._reply = reply = replier(self.csock, self.codec, self.out)
+        # The supervisor and the table report to the dispatcher, built last, which needs both.
         self.sup = Supervisor(self.cfg, self.worker_endpoint, self._send_worker, self.launcher, self.loop,
                               lambda *a: self.dispatcher.slot_down(*a), self._slot_changed, self.metrics)
-        self.dispatcher = Dispatcher(self.pools, self.wsock, self.codec, self.wcodec, self.out, reply,
-                                     self.sup, self.metrics)
+        self.table = JobTable(self.pools, self._job_ended, lambda *a: self.dispatcher.cancel_running(*a))
+        self.dispatcher = Dispatcher(self.pools, self.table, self.wsock, self.codec, self.wcodec, self.out,
+                                     reply, self.sup)
         self.fleet = Fleet(self.pools, self.sup)
-        self.client = ClientOps(self.cfg, self.csock, self.codec, reply, self.dispatcher.table, self.pools,
+        self.client = ClientOps(self.cfg, self.csock, self.codec, reply, self.table, self.pools,
                                 self.dispatcher.dispatch, self.fleet.scale, self.fleet.reload,
                                 self.request_stop, lambda: self.state, self.snapshot, self.metrics)
         self.loop.add(self.csock, self.client.on_readable)
@@ -147,6 +153,11 @@ class Coordinator:
             log.info("worker socket %s: CURVE, this run's worker key only", self.worker_endpoint)
         return sock
 
+    def _job_ended(self, job, state, message) -> None:
+        """The JobTable ended a job: its one reply goes out."""
+        self._reply(job.client, message)
+        self.metrics.job_finished(job, state, message)
+
     def _send_worker(self, identity: bytes, msg) -> None:
         """Control messages (ping, stop, cancel, group info) go at once, not with the turn's batch."""
         send_frames(self.wsock, (identity,), self.codec.encode(msg))
@@ -155,8 +166,15 @@ class Coordinator:
         """The state `status`, `health` and the metrics read (built on the loop thread)."""
         now = time.monotonic()
         return snapshot.take(self.state.value, self.endpoint, now - self.started_at, self.cfg.hb_timeout,
-                             self.client.rejected, self.pools, self.dispatcher.table, now,
+                             self.client.rejected, self.pools, self.table, now,
                              snapshot.config_limits(self.cfg))
+
+    def validate_state(self) -> None:
+        """Raise AssertionError unless the job table and every slot agree (ORCHESTRATOR_VALIDATE=1)."""
+        slots = self.fleet.slots()
+        self.table.validate_state({name: [s for s in slots if s.spec.pool == name] for name in self.pools})
+        for slot in slots:
+            slot.validate_state()
 
     # ------------------------------------------------------------------ run
 
@@ -173,6 +191,8 @@ class Coordinator:
                     next_tick = now + TICK
                 if self.out:
                     self.out.flush()
+                if self.validate:
+                    self.validate_state()
         finally:
             self.shutdown()
         return self.exit_code
@@ -184,7 +204,7 @@ class Coordinator:
         if now >= self._next_reconcile and self.state == CS.RUNNING:
             self._next_reconcile = now + RECONCILE_S
             self.fleet.reconcile(now)
-        self.dispatcher.table.expire(now)
+        self.table.expire(now)
         for monitor in (self.monitor, self.wmonitor):
             if monitor is not None:  # suppressed-refusal counts reach the log without a next refusal
                 monitor.flush()
@@ -258,14 +278,14 @@ class Coordinator:
         self.stop_reason = reason
         if drain and self.state == CS.RUNNING:
             log.info("draining (%s): %d unfinished job(s), up to %.0f s", reason,
-                     self.dispatcher.table.unfinished(), self.cfg.drain_timeout)
+                     self.table.unfinished(), self.cfg.drain_timeout)
             move(self, CS.SHUTTING_DOWN, COORDINATOR_TRANSITIONS)
             self.drain_deadline = time.monotonic() + self.cfg.drain_timeout
             return
         self._stop_workers(reason)
 
     def _check_drained(self, now: float) -> None:
-        unfinished = self.dispatcher.table.unfinished()
+        unfinished = self.table.unfinished()
         if unfinished and now < self.drain_deadline:
             return
         if unfinished:
@@ -273,6 +293,6 @@ class Coordinator:
         self._stop_workers(self.stop_reason or "stop")
 
     def _stop_workers(self, reason: str) -> None:
-        self.dispatcher.table.end_all(E.SHUTTING_DOWN, f"coordinator stopping: {reason}")
+        self.table.end_all(E.SHUTTING_DOWN, f"coordinator stopping: {reason}")
         move(self, CS.STOPPING, COORDINATOR_TRANSITIONS)
         self.fleet.stop(reason)

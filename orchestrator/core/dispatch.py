@@ -29,11 +29,10 @@ RECV_BATCH = 256  # messages drained per socket per loop turn: fairness between 
 class Dispatcher:
     """`reply(route, message)` queues a message to a client; `out` is the loop turn's Outbox."""
 
-    def __init__(self, pools: dict, wsock: zmq.Socket, codec, wcodec, out, reply: Callable, sup,
-                 metrics):
-        self.pools, self.wsock, self.codec, self.wcodec = pools, wsock, codec, wcodec
-        self.out, self.reply, self.sup, self.metrics = out, reply, sup, metrics
-        self.table = JobTable(pools, self._job_ended, self._cancel_running)
+    def __init__(self, pools: dict, table: JobTable, wsock: zmq.Socket, codec, wcodec, out,
+                 reply: Callable, sup):
+        self.pools, self.table, self.wsock, self.codec, self.wcodec = pools, table, wsock, codec, wcodec
+        self.out, self.reply, self.sup = out, reply, sup
 
     # ------------------------------------------------------------------ dispatch
 
@@ -45,20 +44,14 @@ class Dispatcher:
             if slot is None:
                 return
             job = self.table.start_next(pool.name, slot)
-            if slot.state == WS.READY:
-                slot.set_state(WS.BUSY)
+            self.sup.on_load_changed(slot)
             self.out.put((self.wsock, (slot.leader.data_id,),
                           self.codec.encode(WRun(job.jid, job.input, job.stream))))
             if job.crashes:  # a retry: logged so that recovery is visible (and measured by the bench)
                 log.info("job %d: attempt %d dispatched to %s", job.jid, len(job.crashes) + 1,
                          slot.name, extra=ids(slot))
 
-    def _job_ended(self, job, state: JS, message) -> None:
-        """The JobTable ended a job: its one reply goes out."""
-        self.reply(job.client, message)
-        self.metrics.job_finished(job, state, message)
-
-    def _cancel_running(self, slot, job) -> None:
+    def cancel_running(self, slot, job) -> None:
         """A running job ended early (cancel, timeout, drain expiry): the worker stops it; its credit
         returns when the worker answers."""
         self.sup.send_leader(slot, WCancel(job.jid))
@@ -111,17 +104,14 @@ class Dispatcher:
         self._credit_back(slot)
 
     def _credit_back(self, slot) -> None:
-        self.sup.on_job_settled(slot)
+        self.sup.on_load_changed(slot)
         self.dispatch(self.pools[slot.spec.pool])
 
     def _w_chunk(self, slot, proc, msg: WChunk) -> None:
         job = slot.load.running.get(msg.jid)
         if job is None:
             return  # ended already: its one terminal reply was sent
-        if job.first_chunk_at is None:
-            job.first_chunk_at = time.monotonic()
-        self.reply(job.client, Chunk(job.cid, job.chunks_sent, msg.data))
-        job.chunks_sent += 1
+        self.reply(job.client, Chunk(job.cid, self.table.chunk_sent(job), msg.data))
 
     def _w_hello(self, slot, proc, msg) -> None:
         self.sup.on_hello(slot, proc)

@@ -140,6 +140,15 @@ class JobTable:
         load.held += 1
         return job
 
+    def chunk_sent(self, job: Job) -> int:
+        """A chunk of `job` goes to its client: returns its seq. The count decides replay (a stream that
+        sent chunks cannot start over), so only the table changes it."""
+        if job.first_chunk_at is None:
+            job.first_chunk_at = time.monotonic()
+        seq = job.chunks_sent
+        job.chunks_sent = seq + 1
+        return seq
+
     def end(self, job: Job, state: JS, message, acked: bool = False) -> None:
         """The one place a job ends: leave the queue or the slot, send its one reply, forget it.
 

@@ -15,7 +15,7 @@ from orchestrator.core.jobtable import SlotLoad
 from orchestrator.launch.base import RankHandle, RankLaunch, SlotHandle, SlotLaunch
 from orchestrator.fleet.placement import cuda_visible
 from orchestrator.fleet.restarts import FailureBudget
-from orchestrator.states import WORKER_TRANSITIONS, SlotState, move
+from orchestrator.states import LIVE, SERVING, SLOT_TRANSITIONS, SlotState, move
 
 
 # Where the `worker` package lives, so workers import it even from an uninstalled checkout.
@@ -104,8 +104,20 @@ class Slot:
 
     def set_state(self, new: SlotState) -> None:
         if new != self.state:
-            move(self, new, WORKER_TRANSITIONS)
+            move(self, new, SLOT_TRANSITIONS)
             self.state_since = time.monotonic()
+
+    def validate_state(self) -> None:
+        """Raise AssertionError unless the slot's state agrees with its credits: BUSY exactly when it
+        holds one, none held once it is down, and never more held than its capacity while serving."""
+        held, state = self.load.held, self.state
+        assert state != SlotState.READY or held == 0, f"{self.name}: READY while holding {held} credit(s)"
+        assert state != SlotState.BUSY or held > 0, f"{self.name}: BUSY while holding no credit"
+        assert state in LIVE or held == 0, f"{self.name}: {state.value} while holding {held} credit(s)"
+        assert state not in SERVING or held <= self.capacity, \
+            f"{self.name}: holds {held} credits, capacity {self.capacity}"
+        assert state not in SERVING or (self.procs and all(p.ready for p in self.procs)), \
+            f"{self.name}: {state.value} before every rank is ready"
 
     def reset_failures(self) -> None:
         """A fresh failure budget and backoff (the operator retries it: scale, reload)."""

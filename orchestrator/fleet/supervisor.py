@@ -131,11 +131,15 @@ class Supervisor:
             if p.hello:  # a ROUTER drops what it sends to a peer that has not connected yet
                 self.send(p.ctl_id, WGroupInfo(msg.info))
 
-    def on_job_settled(self, slot: Slot) -> None:
-        """A job left the slot: update BUSY/READY and finish a drain."""
-        if slot.state == S.BUSY and not slot.load.held:
+    def on_load_changed(self, slot: Slot) -> None:
+        """A job took or returned one of the slot's credits. BUSY/READY follows `load.held`, and only
+        here (the one writer of that flag); an idle DRAINING slot stops."""
+        held = slot.load.held
+        if slot.state == S.READY and held:
+            slot.set_state(S.BUSY)
+        elif slot.state == S.BUSY and not held:
             slot.set_state(S.READY)
-        elif slot.state == S.DRAINING and not slot.load.held and not slot.stopping:
+        elif slot.state == S.DRAINING and not held and not slot.stopping:
             self._send_stop(slot, slot.stop_reason or "drained")
 
     def send_leader(self, slot: Slot, msg) -> None:
@@ -305,7 +309,7 @@ class Supervisor:
         if slot.state in SERVING:
             slot.set_state(S.DRAINING)
             log.info("%s: draining: %s", slot.name, reason, extra=ids(slot))
-            self.on_job_settled(slot)
+            self.on_load_changed(slot)
         else:
             self.stop_slot(slot, reason)
 
