@@ -5,6 +5,7 @@ Every knob lives here (no scattered environment variables). The TOML format is d
 from __future__ import annotations
 
 import dataclasses
+import json
 from dataclasses import dataclass, field
 
 try:
@@ -14,6 +15,7 @@ except ImportError:  # Python 3.10
 
 from protocol import Limits
 from protocol.workerspec import GUARD_TIMEOUT_S
+from orchestrator.security.bind import is_loopback_host
 
 DEFAULT_ADDRESS = "tcp://127.0.0.1:5555"
 
@@ -183,10 +185,41 @@ def validate(cfg: ServerConfig) -> None:
             raise ValueError(f"pool {p.name}: max_restarts >= 0 and restart_window > 0 are required")
         if not p.guard_timeout > 0:
             raise ValueError(f"pool {p.name}: guard_timeout must be > 0 seconds, got {p.guard_timeout!r}")
-    from orchestrator.http.settings import check_http  # no web framework imported: only the bind and key rules
-
-    check_http(cfg)
+    _validate_http(cfg)
     _validate_cluster(cfg)
+
+
+def load_keys(path: str) -> list[str]:
+    """The accepted API keys: one per non-empty line. Raises ValueError (with the path) when none."""
+    try:
+        with open(path, encoding="utf-8") as f:
+            keys = [line.strip() for line in f if line.strip()]
+    except OSError as e:
+        raise ValueError(f"http api_key_file {path!r}: {e.strerror or e}") from None
+    if not keys:
+        raise ValueError(f"http api_key_file {path!r} holds no key (one key per line)")
+    return keys
+
+
+def _validate_http(cfg) -> None:
+    """Raise ValueError on an HTTP config that cannot run (checked before anything starts, importing no web
+    framework). A non-loopback bind needs an API key file
+    or `insecure`, as the ZMQ socket needs CURVE or `insecure`."""
+    http = cfg.http
+    if http.port is None:
+        return
+    if not isinstance(http.port, int) or isinstance(http.port, bool) or not 0 <= http.port <= 65535:
+        raise ValueError(f"http port must be an integer 0..65535, got {http.port!r}")
+    if http.job_timeout is not None and not (isinstance(http.job_timeout, (int, float)) and http.job_timeout > 0):
+        raise ValueError(f"http job_timeout must be a positive number of seconds, got {http.job_timeout!r}")
+    if http.api_key_file:
+        load_keys(http.api_key_file)
+    elif not is_loopback_host(http.host) and not cfg.insecure:
+        raise ValueError(f"refusing to serve HTTP on {http.host}: it is not loopback. Give --api-key-file "
+                         f"FILE (clients send `Authorization: Bearer KEY`) or pass --insecure.")
+    if cfg.curve_secret_key:
+        raise ValueError("the HTTP gateway cannot yet reach a CURVE-protected client socket; serve HTTP "
+                         "from a coordinator without CURVE, or leave --http-port unset")
 
 
 def _validate_cluster(cfg: ServerConfig) -> None:
@@ -209,3 +242,79 @@ def _validate_cluster(cfg: ServerConfig) -> None:
         raise ValueError(f"pool(s) {shared}: workers_per_device is not supported on a Ray cluster")
     if not cfg.placement_timeout > 0:
         raise ValueError(f"placement_timeout must be > 0 seconds, got {cfg.placement_timeout!r}")
+
+
+# ---------------------------------------------------------------------------- flags over the file
+# `serve`'s flags (orchestrator/cli/serve.py) by the config key each sets.
+
+_SERVER_FLAGS = {"address": "address", "hb_interval": "hb_interval", "hb_timeout": "hb_timeout",
+                 "drain_timeout": "drain_timeout", "metrics_port": "metrics_port",
+                 "log_format": "log_format", "log_level": "log_level",
+                 "curve_secret_key": "curve_secret_key", "authorized_keys": "authorized_keys",
+                 "max_pending_per_client": "max_pending_per_client", "max_queued": "max_queued_total",
+                 "ray": "ray", "worker_address": "worker_address", "placement_timeout": "placement_timeout"}
+_HTTP_FLAGS = {"http_port": "port", "http_host": "host", "api_key_file": "api_key_file",
+               "http_job_timeout": "job_timeout"}
+_POOL_FLAGS = ("devices", "tp", "replicas", "workers_per_device", "capacity", "retries", "step_budget",
+               "max_restarts", "restart_window")
+
+
+def build_config(args) -> ServerConfig:
+    """Config file first, then flags on top. Without a file, flags define one pool."""
+    cfg = load_toml(args.config) if args.config else ServerConfig()
+    for flag, attr in _SERVER_FLAGS.items():
+        if getattr(args, flag) is not None:
+            setattr(cfg, attr, getattr(args, flag))
+    for flag, attr in _HTTP_FLAGS.items():
+        if getattr(args, flag) is not None:
+            setattr(cfg.http, attr, getattr(args, flag))
+    if cfg.http.port is not None and cfg.metrics_port is None:
+        cfg.metrics_port = 0  # the gateway's GET /metrics proxies the coordinator's registry (loopback)
+    cfg.insecure = cfg.insecure or args.insecure
+    cfg.kill_stale = cfg.kill_stale or args.kill_stale
+    cfg.keep_going = cfg.keep_going or args.keep_going
+    limits = {f.name: getattr(args, f.name) for f in dataclasses.fields(Limits)
+              if getattr(args, f.name) is not None}
+    cfg.limits = dataclasses.replace(cfg.limits, **limits)
+    if not cfg.pools or args.handler:
+        cfg.pools = [flag_pool(args)] + [p for p in cfg.pools if p.name != (args.pool or args.handler)]
+    else:
+        override_file_pool(cfg.pools, args)
+    return cfg
+
+
+def override_file_pool(pools: list, args) -> None:
+    """Pool flags on top of a config file's pools: they go to the pool `--pool` names, or to the file's only
+    pool. A flag that cannot tell which pool it is for is an error, never silently dropped."""
+    given = [f"--{f.replace('_', '-')}" for f in (*_POOL_FLAGS, "model", "handler_config")
+             if getattr(args, f) is not None]
+    if not given and args.pool is None:
+        return
+    names = [p.name for p in pools]
+    if args.pool is not None and args.pool not in names:
+        raise ValueError(f"--pool {args.pool!r}: the config file has no such pool (pools: {', '.join(names)})")
+    if args.pool is None and len(pools) > 1:
+        raise ValueError(f"{' '.join(given)} would apply to one pool, but the config file has {len(pools)} "
+                         f"({', '.join(names)}): name it with --pool")
+    pool = pools[names.index(args.pool)] if args.pool is not None else pools[0]
+    apply_pool_flags(pool, args)
+    if args.handler_config:
+        pool.config = {**pool.config, **json.loads(args.handler_config)}
+    if args.model:
+        pool.config = {**pool.config, "model": args.model}
+
+
+def flag_pool(args) -> PoolConfig:
+    handler = args.handler or "embed"
+    config = json.loads(args.handler_config) if args.handler_config else {}
+    if args.model:
+        config["model"] = args.model
+    pool = PoolConfig(name=args.pool or handler, handler=handler, config=config)
+    apply_pool_flags(pool, args)
+    return pool
+
+
+def apply_pool_flags(pool: PoolConfig, args) -> None:
+    for flag in _POOL_FLAGS:
+        if getattr(args, flag) is not None:
+            setattr(pool, flag, getattr(args, flag))

@@ -1,6 +1,6 @@
 """The worker contract: what the coordinator tells a worker process to be, and how the two name its sockets.
 
-`WorkerSpec` is written once by the coordinator (orchestrator/procs.py `worker_spec`), encoded once
+`WorkerSpec` is written once by the coordinator (orchestrator/fleet/slots.py `worker_spec`), encoded once
 (msgpack, then URL-safe base64 so that it fits in argv: ``python -m worker --spec <text>``), and decoded
 and validated by the worker before it does anything else. A missing or unknown field, or a field of the
 wrong type, is a `BadField` naming the field: a coordinator and a worker of different versions fail at

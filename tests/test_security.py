@@ -1,4 +1,4 @@
-"""Security (issue 7): bind refusal, CURVE authentication, limits, and no code from the wire.
+"""Security: bind refusal, CURVE authentication, limits, and no code from the wire.
 
 Real `orchestrator serve` processes and real sockets throughout. "Gets nothing" checks wait a fixed
 window for a reply that must not come; everything else polls with generous timeouts because the test
@@ -23,7 +23,7 @@ import zmq.auth
 from zmq.utils.monitor import recv_monitor_message
 
 from orchestrator import Client, RequestError, wait_ready
-from orchestrator.security.curve import is_local
+from orchestrator.security.bind import is_local
 from protocol.messages import CLIENT_REQUESTS
 from tests.conftest import REPO, Server, poll_until
 
@@ -319,7 +319,7 @@ def test_message_over_max_message_bytes_is_too_large(limited, raw):
         reply = sock.ask(padded_submit(3, size))
         assert reply["code"] == "too_large" and "max_message_bytes=100000" in reply["message"]
     # Exactly at the limit it runs, though its result is a few bytes larger than the limit: worker
-    # replies are not held to the client limits (this used to crash the coordinator).
+    # replies are not held to the client limits, so the coordinator must not apply them to results.
     body = padded_submit(4, MAX_MESSAGE)
     reply = sock.ask(body)
     assert reply["op"] == "result" and reply["id"] == 4, reply
@@ -383,7 +383,7 @@ def test_total_queue_cap_and_limit_flags(serve, raw):
 
 def test_finished_jobs_do_not_pin_memory(serve):
     """A finished job with a far deadline stays in the timeout heap until then: not its payload,
-    and the heap is compacted (this used to keep every input: 1 MB x 120 jobs here)."""
+    and the heap is compacted, so 120 jobs of 1 MB leave no input behind."""
     s = serve(["--handler", "echo", "--devices", "cpu:1"], timeout=TIMEOUT)
     c = s.client(timeout=TIMEOUT)
     assert c.run("echo", b"warm" * 250_000, timeout=1e9) == b"warm" * 250_000

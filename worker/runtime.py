@@ -18,6 +18,7 @@ import zmq
 from protocol import Codec, JobError, ProtocolError
 from protocol.codec import INTERNAL_LIMITS
 from protocol.errors import CANCELLED, HANDLER_ERROR, WORKER_CRASHED
+from protocol.logthrottle import LogThrottle
 from protocol.messages import WChunk, WError, WReady, WResult, WRun
 from protocol.workerspec import DATA, WorkerSpec
 from worker.control import ControlState, connect
@@ -43,24 +44,14 @@ class HandlerErrors:
     at most `per_second`, so a handler failing every job cannot flood the log."""
 
     def __init__(self, per_second: int = 10):
-        self.per_second = per_second
-        self.window, self.count, self.last = 0, 0, None
+        self.throttle = LogThrottle(log, "handler tracebacks", logging.ERROR, per_second)
+        self.last = None
 
     def reply(self, jid: int, exc: BaseException) -> WError:
         if not isinstance(exc, JobError) and exc is not self.last:
             self.last = exc
-            self._log(jid, exc)
+            self.throttle("job %d: handler raised %s", jid, type(exc).__name__, exc_info=exc)
         return WError(jid, *outcome_error(exc))
-
-    def _log(self, jid: int, exc: BaseException) -> None:
-        now = int(time.monotonic())
-        if now != self.window:
-            self.window, self.count = now, 0
-        self.count += 1
-        if self.count <= self.per_second:
-            log.error("job %d: handler raised %s", jid, type(exc).__name__, exc_info=exc)
-        elif self.count == self.per_second + 1:
-            log.error("more handler errors this second: their tracebacks are not logged")
 
 
 def outcome_error(exc: BaseException) -> tuple[str, str]:

@@ -1,6 +1,6 @@
 """asyncio client: the same operations as `Client`, on one DEALER socket driven by the event loop.
 
-Hot path (scripts/bench_dispatch.py; it used to reach half the sync client's pipelined jobs/s):
+Hot path, each point measured with scripts/bench_dispatch.py (docs/benchmarks.md, "AsyncClient against Client"):
 - a plain (sync) zmq socket whose FD is watched with `loop.add_reader`, not zmq.asyncio: zmq.asyncio
   wraps every send and recv in a Future and a loop round, and its reader task woke once per reply;
 - sends are queued and go out together at the end of the loop turn (one `call_soon`), with NOBLOCK
@@ -25,7 +25,7 @@ from protocol.codec import INTERNAL_LIMITS
 from protocol.messages import (
     Cancel, Chunk, Error, Health, Ping, Reload, Result, Scale, Status, Stop, Submit,
 )
-from orchestrator.security import curve as security
+from orchestrator.client import keys
 from orchestrator.client.sync import RequestError
 
 _DONE = object()
@@ -110,14 +110,14 @@ class AsyncClient:
         self.address, self.timeout = address, timeout
         self._codec = Codec(INTERNAL_LIMITS, arrays=True)  # replies come from our server: no client caps
         self._loop = asyncio.get_running_loop()
-        curve = security.client_keys(curve)  # raises ValueError before any socket exists
+        curve = keys.client_keys(curve)  # raises ValueError before any socket exists
         self._ctx = zmq.Context()
         self._sock = self._ctx.socket(zmq.DEALER)
         self._sock.setsockopt(zmq.LINGER, 0)
         self._sock.setsockopt(zmq.SNDHWM, 0)
         self._sock.setsockopt(zmq.RCVHWM, 0)
         self._sock.setsockopt(zmq.ROUTING_ID, os.urandom(8))  # replies find us again after a reconnect
-        security.apply_client(self._sock, curve)
+        keys.apply_client(self._sock, curve)
         self._sock.connect(address)
         self._ids = itertools.count(1)
         # rid -> [future, chunk queue or None]

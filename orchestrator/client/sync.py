@@ -29,7 +29,7 @@ from protocol.codec import INTERNAL_LIMITS
 from protocol.messages import (
     Cancel, Chunk, Error, Health, Ping, Reload, Result, Scale, Status, Stop, Submit,
 )
-from orchestrator.security import curve as security
+from orchestrator.client import keys
 
 
 class RequestError(JobError):
@@ -132,7 +132,7 @@ class Client:
         self._ids = itertools.count(1)
         self._pending: dict[int, _Pending] = {}
         self._closed = threading.Event()
-        curve = security.client_keys(curve)  # raises ValueError before any socket exists
+        curve = keys.client_keys(curve)  # raises ValueError before any socket exists
         self._ctx = zmq.Context()
         self._dealer = self._connect(curve)
         self._io_lock = threading.Lock()  # held by the one thread using the socket
@@ -228,7 +228,7 @@ class Client:
         dealer.setsockopt(zmq.RCVHWM, 0)
         # A fixed identity lets replies find us again after a reconnect.
         dealer.setsockopt(zmq.ROUTING_ID, os.urandom(8))
-        security.apply_client(dealer, curve)
+        keys.apply_client(dealer, curve)
         dealer.connect(self.address)
         return dealer
 

@@ -12,6 +12,7 @@ from typing import Callable
 import zmq
 
 from protocol import ProtocolError, errors as E
+from protocol.logthrottle import LogThrottle
 from protocol.messages import Cancel, Error, Health, Ok, Ping, Reload, Scale, Status, Stop, Submit
 from orchestrator.observe import views
 from orchestrator.core.dispatch import RECV_BATCH
@@ -19,26 +20,6 @@ from orchestrator.core.jobtable import JobTable
 from orchestrator.states import CoordinatorState as CS, JobState as JS
 
 log = logging.getLogger("orchestrator.coordinator")
-
-
-class RateLimitedLog:
-    """Log bad client input at most `per_second` lines a second (a fuzzer must not flood the log)."""
-
-    def __init__(self, logger, per_second: int = 20):
-        self.logger, self.per_second = logger, per_second
-        self.window, self.count, self.suppressed = 0, 0, 0
-
-    def warning(self, fmt: str, *args) -> None:
-        now = int(time.monotonic())
-        if now != self.window:
-            if self.suppressed:
-                self.logger.warning("(%d similar messages suppressed)", self.suppressed)
-            self.window, self.count, self.suppressed = now, 0, 0
-        self.count += 1
-        if self.count <= self.per_second:
-            self.logger.warning(fmt, *args)
-        else:
-            self.suppressed += 1
 
 
 def replier(sock: zmq.Socket, codec, out) -> Callable:
@@ -67,7 +48,7 @@ class ClientOps:
         self.reload = reload
         self.request_stop, self.state, self.snapshot, self.metrics = request_stop, state, snapshot, metrics
         self.rejected: dict[str, int] = {}  # error code -> count of rejected requests
-        self.bad_log = RateLimitedLog(log)
+        self.bad_log = LogThrottle(log, per_second=20)  # a fuzzer must not flood the log
 
     def on_readable(self) -> None:
         for _ in range(RECV_BATCH):
@@ -102,7 +83,7 @@ class ClientOps:
         self.rejected[code] = self.rejected.get(code, 0) + 1
         if len(message) > 500:  # it may quote client input (an op, a pool name) of up to max_str_len
             message = message[:500] + f"... ({len(message)} chars)"
-        self.bad_log.warning("rejected request from client %s: %s: %s", route[0].hex()[:8], code, message)
+        self.bad_log("rejected request from client %s: %s: %s", route[0].hex()[:8], code, message)
         self.reply(route, Error(rid, code, message, details))
 
     def _op_submit(self, route: tuple, msg: Submit) -> None:

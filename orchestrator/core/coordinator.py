@@ -22,6 +22,7 @@ from protocol.codec import INTERNAL_LIMITS
 from protocol.messages import CLIENT_REQUEST_OPS
 from orchestrator.launch import cluster
 from orchestrator.security import curve as security
+from orchestrator.security.refusals import HandshakeMonitor
 from orchestrator.observe import snapshot
 from orchestrator.core.client_ops import ClientOps, replier
 from orchestrator.config import ServerConfig, validate
@@ -72,7 +73,7 @@ class Coordinator:
         # Debug/test mode: the job table's and the slots' invariants are checked after every loop turn,
         # and a violation stops the coordinator (tests run with it on; it costs O(jobs) per turn).
         self.validate = os.environ.get("ORCHESTRATOR_VALIDATE") == "1"
-        self.wmonitor: security.HandshakeMonitor | None = None  # Ray mode: refusals on the worker socket
+        self.wmonitor: HandshakeMonitor | None = None  # Ray mode: refusals on the worker socket
         self.worker_keys: security.WorkerKeys | None = None  # Ray mode: the worker socket's CURVE keys
         # Startup: every pool's first load settles (served or failed), then on_startup({pool: reason})
         # is called once; a failure without keep_going stops everything and run() returns 2.
@@ -97,7 +98,7 @@ class Coordinator:
         self.csock = self._bind_client()
         self.wsock = self._bind_workers()
         self.loop = EventLoop()
-        self.monitor = security.HandshakeMonitor(self.csock, self.csock.getsockopt(zmq.MAXMSGSIZE))
+        self.monitor = HandshakeMonitor(self.csock, self.csock.getsockopt(zmq.MAXMSGSIZE))
         self.loop.add(self.monitor.sock, self.monitor.on_readable)
         if self.wmonitor is not None:
             self.loop.add(self.wmonitor.sock, self.wmonitor.on_readable)
@@ -146,7 +147,7 @@ class Coordinator:
         sock.setsockopt(zmq.RCVHWM, 0)
         if self.worker_keys is not None:  # Ray mode: TCP, so only this run's worker key may connect
             self.worker_keys.apply_server(sock)
-            self.wmonitor = security.HandshakeMonitor(sock, 0, who="worker", log_closes=False)
+            self.wmonitor = HandshakeMonitor(sock, 0, who="worker", log_closes=False)
         sock.bind(cluster.worker_bind_address(self.cfg, self.run_dir, self.launcher))
         self.worker_endpoint = sock.getsockopt_string(zmq.LAST_ENDPOINT)
         if self.worker_keys is not None:

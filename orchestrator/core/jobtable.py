@@ -32,21 +32,6 @@ from orchestrator.states import JobState as JS
 THROUGHPUT_WINDOW = 60.0  # seconds over which a pool's jobs/s is measured
 
 
-class SlotLoad:
-    """The jobs one slot holds credits for. Changed only by the JobTable; read by dispatch and views."""
-
-    __slots__ = ("running", "awaiting_ack", "held", "completed", "failed")
-
-    def __init__(self):
-        self.running: dict = {}  # jid -> Job: started here, not ended
-        self.awaiting_ack: dict = {}  # jid -> Job: ended while running; the worker has not answered yet
-        # Credits in use: len(running) + len(awaiting_ack), kept as a count because dispatch reads it
-        # for every slot on every pick.
-        self.held = 0
-        self.completed = 0  # jobs it answered with a result
-        self.failed = 0  # jobs it answered with an error
-
-
 class PoolJobs:
     """One pool's queue and job counts."""
 

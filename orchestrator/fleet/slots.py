@@ -1,4 +1,6 @@
-"""Worker processes: a `SlotSpec` says what to launch; a `Slot` handle is what is running.
+"""Slots as supervision sees them: a `SlotSpec` says what to launch; a `Slot` is that spec running now (its
+state, its ranks as `Proc`s, its credits in `SlotLoad`); how its processes run is the launcher's
+`SlotHandle` (launch/base.py).
 
 "A Slot is to a SlotSpec as an object is to a class." A slot is the unit of dispatch, readiness,
 failure and restart: one process for tp=1, or a TP group of `tp` rank processes.
@@ -11,17 +13,30 @@ import time
 from dataclasses import dataclass, field
 
 from protocol.workerspec import CONTROL, DATA, GUARD_TIMEOUT_S, WorkerSpec, routing_id
-from orchestrator.core.jobtable import SlotLoad
-from orchestrator.launch.base import RankHandle, RankLaunch, SlotHandle, SlotLaunch
+from orchestrator.launch.base import RankHandle, RankLaunch, SlotHandle, SlotLaunch, with_source_root
 from orchestrator.fleet.placement import cuda_visible
 from orchestrator.fleet.restarts import FailureBudget
 from orchestrator.states import LIVE, SERVING, SLOT_TRANSITIONS, SlotState, move
 
 
-# Where the `worker` package lives, so workers import it even from an uninstalled checkout.
-_SOURCE_ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 # NVLink multicast can take shared GPUs out of service; keep it off in every child we start.
 GPU_SAFE_ENV = {"NCCL_NVLS_ENABLE": "0", "TORCH_SYMM_MEM_DISABLE_MULTICAST": "1", "NVSHMEM_DISABLE_NVLS": "1"}
+
+
+class SlotLoad:
+    """The jobs one slot holds credits for. Changed only by the JobTable (core/jobtable.py), which the slot
+    does not import; read by dispatch, pools and views."""
+
+    __slots__ = ("running", "awaiting_ack", "held", "completed", "failed")
+
+    def __init__(self):
+        self.running: dict = {}  # jid -> Job: started here, not ended
+        self.awaiting_ack: dict = {}  # jid -> Job: ended while running; the worker has not answered yet
+        # Credits in use: len(running) + len(awaiting_ack), kept as a count because dispatch reads it
+        # for every slot on every pick.
+        self.held = 0
+        self.completed = 0  # jobs it answered with a result
+        self.failed = 0  # jobs it answered with an error
 
 
 @dataclass(frozen=True)
@@ -75,7 +90,8 @@ class Proc:
 
 
 class Slot:
-    """A running slot: its processes, state, credits and in-flight jobs. Owned by the event loop."""
+    """One slot of a pool, across its incarnations: its state, its ranks, its credits and in-flight jobs.
+    Owned by the event loop. (The launcher's `SlotHandle` is one incarnation's processes.)"""
 
     def __init__(self, spec: SlotSpec):
         self.spec = spec
@@ -180,10 +196,6 @@ def worker_env(spec: SlotSpec, rank: int) -> dict:
     env.update({k: str(v) for k, v in spec.env.items()})
     return env
 
-
-def with_source_root(pythonpath: str | None) -> str:
-    """A worker's PYTHONPATH: this checkout first, so it imports `worker` even when not installed."""
-    return os.pathsep.join(filter(None, [_SOURCE_ROOT, pythonpath]))
 
 
 def slot_launch(spec: SlotSpec, incarnation: int, endpoint: str, cfg) -> SlotLaunch:

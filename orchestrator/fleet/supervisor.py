@@ -1,6 +1,6 @@
 """Slot lifecycle policy: start, readiness, liveness (exit, heartbeat, progress), restart, staged stop.
 
-The supervisor decides; a `Launcher` (launcher.py) starts, watches and stops the processes, and the
+The supervisor decides; a `Launcher` (launch/base.py) starts, watches and stops the processes, and the
 supervisor never touches a pid. It tells the Dispatcher (dispatch.py) about jobs through two callbacks:
 `on_down(slot, reason, code)` (requeue its in-flight jobs) and `on_change(slot)` (credits or readiness
 changed: dispatch again).

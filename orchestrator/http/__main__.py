@@ -42,7 +42,7 @@ async def serve(spec: dict) -> None:
     import uvicorn
 
     from orchestrator.http.app import Gateway
-    from orchestrator.http.settings import load_keys
+    from orchestrator.config import load_keys
 
     keys = load_keys(spec["api_key_file"]) if spec.get("api_key_file") else None
     app = Gateway(spec, keys).app()

@@ -22,9 +22,8 @@ import subprocess
 import sys
 import time
 
-from orchestrator.launch.base import exit_words
-from orchestrator.fleet.slots import with_source_root
-from orchestrator.security.curve import is_loopback_host
+from orchestrator.launch.base import exit_words, with_source_root
+from orchestrator.security.bind import is_loopback_host
 
 log = logging.getLogger("orchestrator.http")
 

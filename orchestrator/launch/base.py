@@ -11,7 +11,7 @@ never a pid, so a second launcher (Ray actors on other nodes) plugs in without e
     launcher.tick(now)                           every timer tick (50 ms): escalates staged stops
     launcher.close(reason)                       coordinator shutdown: kill and reap what is left
 
-Every `on_exit(ExitEvent)` call is made on the event-loop thread. The local launcher (local_launcher.py)
+Every `on_exit(ExitEvent)` call is made on the event-loop thread. The local launcher (launch/local.py)
 gets there with pidfds registered in the loop. A launcher whose events come from a background thread (a
 remote one) posts them through a `LoopWaker`, which it registers in the loop at `attach`.
 """
@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import abc
 import logging
+import os
 import signal
 import socket
 import time
@@ -254,4 +255,13 @@ def exit_words(returncode: int | None) -> str:
 
 
 __all__ = ["Launcher", "LaunchError", "LoopWaker", "SlotLaunch", "RankLaunch", "SlotHandle",
-           "RankHandle", "ExitEvent", "exit_words"]
+           "RankHandle", "ExitEvent", "exit_words", "with_source_root"]
+
+
+# Where the `worker` package lives, so every child we start imports it even from an uninstalled checkout.
+_SOURCE_ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+
+def with_source_root(pythonpath: str | None) -> str:
+    """A worker's PYTHONPATH: this checkout first, so it imports `worker` even when not installed."""
+    return os.pathsep.join(filter(None, [_SOURCE_ROOT, pythonpath]))

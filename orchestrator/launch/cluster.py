@@ -1,7 +1,7 @@
 """Where workers run: on this host (the local launcher, ipc worker socket), or in Ray mode on a Ray cluster
 (the Ray launcher, and a TCP worker socket with CURVE keys made for the run).
 
-Nothing here imports ray: ray_launcher.py (which does) is imported only when the config asks for Ray mode,
+Nothing here imports ray: launch/ray/ (which does) is imported only when the config asks for Ray mode,
 so a coordinator without `--ray` never loads it.
 """
 from __future__ import annotations

@@ -1,5 +1,5 @@
 """The local launcher: worker ranks as child processes of the coordinator (the `Launcher` seam's
-reference implementation; see launcher.py)."""
+reference implementation; see launch/base.py)."""
 from __future__ import annotations
 
 import json

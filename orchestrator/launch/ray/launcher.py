@@ -2,10 +2,10 @@
 
 Imported only when the coordinator runs with `--ray` (or `[cluster] ray`): without it, nothing imports
 ray. Ray decides where a slot runs; the worker process, its protocol and supervision are the same as with
-the local launcher (launcher.py):
+the local launcher (launch/local.py):
 
 - start: a placement group of one bundle per rank ({"GPU": 1}, or {"CPU": 1} for `ray-cpu:N`), STRICT_PACK
-  so that a TP group never spans nodes; then one `RankActor` (ray_rank.py) per bundle, which starts
+  so that a TP group never spans nodes; then one `RankActor` (ray/rank.py) per bundle, which starts
   `python -m worker` with CUDA_VISIBLE_DEVICES made of the accelerator ids Ray gave the group's bundles
   (every rank sees the group's devices, rank r uses cuda:r, as locally);
 - exit events: each actor's `wait()` resolves when its worker exits (the status in words), or fails when

@@ -26,7 +26,7 @@ from collections import deque
 
 from protocol.workerspec import WorkerSpec
 from orchestrator.launch.base import TAIL_LINES
-from orchestrator.fleet.slots import with_source_root
+from orchestrator.launch.base import with_source_root
 
 
 class RankActor:
