@@ -76,11 +76,15 @@ class Server:
         self._clients.append(c)
         return c
 
-    def worker_pids(self) -> list[int]:
+    def children(self) -> list:
+        """serve's descendant processes (its workers, their ranks, the gateway), as psutil.Process."""
         try:
-            return [p.pid for p in psutil.Process(self.proc.pid).children(recursive=True)]
+            return psutil.Process(self.proc.pid).children(recursive=True)
         except psutil.NoSuchProcess:
             return []
+
+    def worker_pids(self) -> list[int]:
+        return [p.pid for p in self.children()]
 
     def status(self) -> dict:
         if self._status_client is None:

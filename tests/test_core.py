@@ -1,4 +1,5 @@
-"""Acceptance tests of the core (issue 2): real `orchestrator serve` processes, real workers, real sockets.
+"""The core end to end: real `orchestrator serve` processes, real workers, real sockets (placement and the CLI
+have files of their own: test_placement.py, test_cli.py).
 
 Timings are printed for information only; benchmarks live in scripts/, never in assertions here.
 """
@@ -6,9 +7,7 @@ from __future__ import annotations
 
 import asyncio
 import collections
-import json
 import os
-import pathlib
 import signal
 import statistics
 import subprocess
@@ -24,8 +23,6 @@ import pytest
 import zmq
 
 from orchestrator import AsyncClient, RequestError
-from orchestrator.cli import main as cli
-from orchestrator.fleet.placement import split_cores
 from protocol import NDArray, PROTOCOL_VERSION
 
 from .conftest import REPO, Server, poll_until
@@ -95,10 +92,6 @@ def pool_status(client, pool: str) -> dict:
     return client.status()["pools"][pool]
 
 
-def child_procs(srv: Server) -> list:
-    return psutil.Process(srv.proc.pid).children(recursive=True)
-
-
 def gone(procs: list) -> bool:
     def dead(p):
         try:
@@ -137,91 +130,6 @@ def test_throughput_and_spread_10000_jobs_from_4_threads(serve):
     assert all(n > 0 for n in completed.values()), completed
     assert sum(completed.values()) == 10_000
     assert served == completed  # each result names the worker that ran it
-
-
-# ----------------------------------------------------------------------------- placement
-
-
-def env_reports(client, pool: str, n_workers: int) -> dict:
-    """{wid: env handler output}, submitting rounds of jobs until every worker has answered."""
-    seen: dict = {}
-
-    def round_():
-        handles = [client.submit(pool, None) for _ in range(4 * n_workers)]
-        for h in handles:
-            out = h.result(timeout=WAIT)
-            seen[out["wid"]] = out
-        return len(seen) >= n_workers
-
-    poll_until(round_, timeout=WAIT, what=f"all {n_workers} {pool} workers to answer")
-    return seen
-
-
-def child_cuda_env(srv: Server) -> list:
-    """CUDA_VISIBLE_DEVICES of every worker process, read from the OS (not from the worker's word)."""
-    return sorted(p.environ().get("CUDA_VISIBLE_DEVICES") for p in child_procs(srv))
-
-
-def test_placement_one_gpu_id_per_worker_without_gpus(serve):
-    srv = serve(["--devices", "0,1,2,3", "--handler", "env"])
-    seen = env_reports(srv.client(), "env", 4)
-    assert {wid: out["CUDA_VISIBLE_DEVICES"] for wid, out in seen.items()} == {
-        "env/0": "0", "env/1": "1", "env/2": "2", "env/3": "3"}
-    assert all(out["device"] == "cuda:0" for out in seen.values())  # renumbered from 0 inside
-    assert child_cuda_env(srv) == ["0", "1", "2", "3"]
-    # CPU affinity: the serve process's cores split across the 4 workers, in slot order.
-    cores = split_cores(sorted(os.sched_getaffinity(0)), 4)
-    assert {wid: out["affinity"] for wid, out in seen.items()} == {
-        f"env/{i}": cores[i] for i in range(4)}
-
-
-def test_placement_workers_per_device(serve):
-    srv = serve(["--devices", "0,1", "--workers-per-device", "2", "--handler", "env"])
-    seen = env_reports(srv.client(), "env", 4)
-    assert {wid: out["CUDA_VISIBLE_DEVICES"] for wid, out in seen.items()} == {
-        "env/0": "0", "env/1": "0", "env/2": "1", "env/3": "1"}
-    assert child_cuda_env(srv) == ["0", "0", "1", "1"]
-
-
-def test_placement_cpu_workers_see_no_gpu(serve):
-    srv = serve(["--devices", "cpu:2", "--handler", "env"])
-    seen = env_reports(srv.client(), "env", 2)
-    assert all(out["CUDA_VISIBLE_DEVICES"] == "" and out["device"] == "cpu" for out in seen.values())
-
-
-def test_placement_cpu_affinity_off_leaves_threads_free(serve, tmp_path):
-    config = tmp_path / "free.toml"
-    config.write_text('[pools.env]\nhandler = "env"\ndevices = "cpu:2"\ncpu_affinity = false\n')
-    srv = serve(["--config", str(config)])
-    seen = env_reports(srv.client(), "env", 2)
-    everything = sorted(os.sched_getaffinity(0))
-    assert all(out["affinity"] == everything for out in seen.values()), seen
-    # Thread pools are still sized to the worker's share, so unpinned workers don't oversubscribe.
-    shares = [len(c) for c in split_cores(everything, 2)]
-    assert sorted(int(p.environ()["OMP_NUM_THREADS"]) for p in child_procs(srv)) == sorted(shares)
-
-
-def ready_or_fail(client, pool: str) -> bool:
-    """Readiness poll that fails at once, with the reason, when a worker exits while starting."""
-    health = client.health()["pools"][pool]
-    reasons = [w["last_exit_reason"] for w in health["workers"].values() if w["last_exit_reason"]]
-    assert not reasons, f"{pool} workers died while starting: {reasons}"
-    return health["status"] == "ready"
-
-
-@pytest.mark.slow
-def test_placement_tp2_groups_see_their_pair(serve):
-    if not (pathlib.Path(REPO) / "worker" / "tp.py").exists():
-        pytest.skip("worker/tp.py (the TP group runtime) does not exist yet; tp=2 slots cannot start")
-    srv = serve(["--devices", "0,1,2,3", "--tp", "2", "--handler", "env"], ready=False)
-    client = srv.client()
-    poll_until(lambda: ready_or_fail(client, "env"), WAIT, what="both tp=2 groups ready")
-    seen = env_reports(client, "env", 2)
-    assert {wid: out["CUDA_VISIBLE_DEVICES"] for wid, out in seen.items()} == {
-        "env/0": "0,1", "env/1": "2,3"}
-    assert all(out["rank"] == 0 and out["device"] == "cuda:0" for out in seen.values())
-    # Every rank process of a group (not only rank 0) was started with the group's devices.
-    assert child_cuda_env(srv) == ["0,1", "0,1", "2,3", "2,3"]
 
 
 # ----------------------------------------------------------------------------- scaling under load
@@ -348,7 +256,7 @@ def test_scaling_under_load_loses_and_duplicates_nothing(serve):
     assert after["desired"] == before["desired"] == 1
     assert [(w["name"], w["pids"]) for w in after["workers"]] == \
            [(w["name"], w["pids"]) for w in before["workers"]]
-    assert len(child_procs(srv)) == 1
+    assert len(srv.children()) == 1
     with pytest.raises(RequestError) as info:
         client.scale("nope", 1)
     assert info.value.code == "unknown_pool"
@@ -363,7 +271,7 @@ def test_bad_input_gets_coded_errors_and_service_continues(serve, raw):
     v = PROTOCOL_VERSION
     cases = [  # (what, body, expected code, expected id in the reply)
         ("random bytes", b"\xc1" + os.urandom(64), "bad_request", None),  # 0xc1: never valid msgpack
-        # The id is read before the cut, so the reply still reaches the request (issue 15).
+        # The id is read before the cut, so the reply still reaches the request.
         ("truncated msgpack", pack(v=v, op="submit", id=1, pool="echo", input="abc")[:-4],
          "bad_request", 1),
         ("not a map", msgpack.packb([v, "ping", 1]), "bad_request", None),
@@ -441,7 +349,7 @@ def test_sigterm_drains_200_inflight_jobs_then_exits_0_leaving_no_children(serve
         return st["jobs_unfinished"] + pool["completed"] == 200 and pool["inflight"] > 0
 
     poll_until(all_accepted_and_running, WAIT, what="200 accepted jobs with some running")
-    children = child_procs(srv)
+    children = srv.children()
     assert len(children) == 4
     srv.proc.send_signal(signal.SIGTERM)
 
@@ -579,106 +487,3 @@ def test_importing_orchestrator_and_protocol_does_not_import_torch():
                          timeout=WAIT)
     assert out.returncode == 0, out.stderr
     assert out.stdout.strip() == "[] False False"
-
-
-# ----------------------------------------------------------------------------- CLI
-
-
-def orchestrator(*args, timeout: float = WAIT) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "orchestrator", *args], capture_output=True, text=True,
-                          cwd=REPO, timeout=timeout)
-
-
-def test_pool_flags_on_a_config_file_name_their_pool_or_fail(tmp_path):
-    """Pool flags on top of a config file go to the pool --pool names (or the file's only pool); with
-    several pools and no --pool, or a --pool the file lacks, serve refuses in one line (exit 2) rather than
-    dropping the flag."""
-    config = tmp_path / "two.toml"
-    config.write_text('[pools.a]\nhandler = "echo"\ndevices = "cpu:1"\n'
-                      '[pools.b]\nhandler = "echo"\ndevices = "cpu:1"\n')
-    r = orchestrator("serve", "--config", str(config), "--replicas", "1", timeout=60)
-    assert r.returncode == 2 and "--replicas would apply to one pool" in r.stderr and "a, b" in r.stderr, r.stderr
-    r = orchestrator("serve", "--config", str(config), "--model", "/m", timeout=60)
-    assert r.returncode == 2 and "--model would apply to one pool" in r.stderr, r.stderr
-    r = orchestrator("serve", "--config", str(config), "--pool", "c", "--capacity", "2", timeout=60)
-    assert r.returncode == 2 and "--pool 'c': the config file has no such pool" in r.stderr, r.stderr
-
-
-def test_pool_flags_apply_to_the_named_file_pool():
-    from orchestrator.cli.main import build_parser, override_file_pool
-    from orchestrator.config import PoolConfig
-
-    args = build_parser().parse_args(["serve", "--pool", "b", "--capacity", "3", "--model", "/m"])
-    pools = [PoolConfig(name="a", handler="echo"), PoolConfig(name="b", handler="echo", config={"x": 1})]
-    override_file_pool(pools, args)
-    assert (pools[0].capacity, pools[0].config) == (PoolConfig(name="a").capacity, {})
-    assert (pools[1].capacity, pools[1].config) == (3, {"x": 1, "model": "/m"})
-
-
-def test_cli_against_a_running_server(serve):
-    srv = serve(["--devices", "cpu:2", "--handler", "echo"])
-    at = ["--address", srv.address, "--timeout", "60"]
-
-    r = orchestrator("submit", "echo", '{"a": [1, 2]}', *at)
-    assert (r.returncode, json.loads(r.stdout)) == (0, {"a": [1, 2]}), r.stderr
-    r = orchestrator("submit", "echo", "--text", "hi", "--stream", *at)
-    assert r.returncode == 0 and [json.loads(x) for x in r.stdout.splitlines()] == [{"prompt": "hi"}] * 2
-    r = orchestrator("submit", "nope", "1", *at)
-    assert r.returncode == 1 and "unknown_pool" in r.stderr
-
-    r = orchestrator("status", "--json", *at)
-    assert r.returncode == 0
-    assert [w["name"] for w in json.loads(r.stdout)["pools"]["echo"]["workers"]] == ["echo/0", "echo/1"]
-    r = orchestrator("status", *at)
-    assert r.returncode == 0 and "echo/0" in r.stdout and "echo/1" in r.stdout
-    r = orchestrator("health", *at)
-    assert r.returncode == 0 and json.loads(r.stdout)["status"] == "ready"
-
-    r = orchestrator("scale", "echo", "1", *at)
-    assert (r.returncode, json.loads(r.stdout)) == (0, {"pool": "echo", "replicas": 1})
-    r = orchestrator("scale", "echo", "9", *at)
-    assert r.returncode == 1 and "scale_error" in r.stderr
-    r = orchestrator("scale", "nope", "1", *at)
-    assert r.returncode == 1 and "unknown_pool" in r.stderr
-
-    r = orchestrator("stop", *at)
-    assert r.returncode == 0 and json.loads(r.stdout)["state"] == "stopping"
-    assert srv.proc.wait(WAIT) == 0
-
-
-def test_cli_exit_3_when_nothing_answers(tmp_path):
-    nowhere = f"ipc://{tmp_path}/nothing-listens.sock"
-    for cmd in (["status"], ["submit", "echo", "1"], ["stop"]):
-        r = orchestrator(*cmd, "--address", nowhere, "--timeout", "1")
-        assert r.returncode == 3, (cmd, r.stdout, r.stderr)
-        assert "no" in r.stderr.lower()
-
-
-def test_cli_serve_rejects_impossible_placement_with_exit_2():
-    r = orchestrator("serve", "--address", "tcp://127.0.0.1:0", "--devices", "0,1", "--tp", "3",
-                     "--handler", "echo")
-    assert r.returncode == 2
-    assert "tp=3" in r.stderr and "got 2" in r.stderr
-    assert "Traceback" not in r.stderr
-
-
-def test_cli_help_for_every_command(capsys):
-    r = orchestrator("--help")
-    assert r.returncode == 0
-    commands = ["serve", "submit", "status", "health", "scale", "stop", "keygen", "demo"]
-    assert all(c in r.stdout for c in commands)
-    for command in commands:
-        with pytest.raises(SystemExit) as info:
-            cli.build_parser().parse_args([command, "--help"])
-        assert info.value.code == 0
-        assert f"orchestrator {command}" in capsys.readouterr().out
-
-
-def test_a_misspelt_log_format_or_level_is_a_config_error():
-    from orchestrator.config import PoolConfig, ServerConfig, validate
-
-    with pytest.raises(ValueError, match="log_format must be 'text' or 'json', got 'jsno'"):
-        validate(ServerConfig(pools=[PoolConfig(name="a")], log_format="jsno"))
-    with pytest.raises(ValueError, match="log_level must be one of"):
-        validate(ServerConfig(pools=[PoolConfig(name="a")], log_level="loud"))
-    validate(ServerConfig(pools=[PoolConfig(name="a")], log_format="json", log_level="debug"))

@@ -1,4 +1,4 @@
-"""Acceptance tests for issue 15: failures a user can read, pools that heal themselves.
+"""Failures a user can read, and pools that heal themselves.
 
 Every test runs a real `orchestrator serve` (a subprocess) with real worker processes; the handlers that
 fail on purpose are in tests/handlers_for_tests.py. Waits poll with generous timeouts (shared machine);
@@ -266,16 +266,6 @@ def test_garbage_from_a_worker_ends_its_incarnation_and_its_jobs_are_retried(ser
 
 
 # ---------------------------------------------------------------------------- the policy alone
-
-
-def test_restart_policy_and_model_check_doctests():
-    import doctest
-
-    import orchestrator.fleet.restarts
-    import worker.models
-
-    assert doctest.testmod(orchestrator.fleet.restarts).failed == 0
-    assert doctest.testmod(worker.models).failed == 0
 
 
 def test_decide_permanent_at_once_transient_with_backoff_then_failed_until_refill():

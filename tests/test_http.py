@@ -497,12 +497,3 @@ def test_the_coordinator_imports_no_web_framework():
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=REPO, timeout=WAIT)
     assert out.returncode == 0, out.stderr
     assert out.stdout.strip() == "[]"
-
-
-def test_loopback_rule_doctests_pass():
-    """One loopback rule for the ZMQ client socket and the HTTP bind (security.is_loopback_host)."""
-    import doctest
-
-    from orchestrator.security import curve as security
-    result = doctest.testmod(security)
-    assert result.attempted >= 4 and result.failed == 0

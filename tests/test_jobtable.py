@@ -1,4 +1,4 @@
-"""The job table's invariants (orchestrator/jobtable.py).
+"""The job table's invariants (orchestrator/core/jobtable.py).
 
 1. A random walk over the real JobTable, Pool and Slot objects: submits, dispatches, results, errors,
    cancels, timeouts, crashes (requeue or fail), scale-downs and scale-ups, restarts and late

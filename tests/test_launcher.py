@@ -1,4 +1,4 @@
-"""The launcher seam (orchestrator/launcher.py), driven directly with a real event loop and real worker
+"""The launcher seam (orchestrator/launch/base.py), driven directly with a real event loop and real worker
 processes: exit events carry a reason in words, the staged stop escalates to a kill within its budget,
 and a background thread can wake the loop through a LoopWaker."""
 from __future__ import annotations
@@ -101,13 +101,3 @@ def test_a_refused_launch_fails_the_slot_and_spends_its_restart_budget(tmp_path)
         sup.tick([slot], time.monotonic())
     assert slot.state == WS.FAILED and slot.incarnation == 3  # the first start and 2 restarts
     assert downs == [slot.last_exit_reason] * 3
-
-
-def test_module_doctests_pass():
-    import doctest
-
-    from orchestrator.launch import base as launcher
-    from orchestrator.fleet import pools
-    for module in (launcher, pools):
-        result = doctest.testmod(module)
-        assert result.attempted >= 1 and result.failed == 0, module.__name__

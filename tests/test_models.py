@@ -1,4 +1,4 @@
-"""Model jobs through a real coordinator and real worker processes (issue: model jobs).
+"""Model jobs through a real coordinator and real worker processes.
 
 One coordinator serves a 2-worker `generate` pool on a tiny random Llama (saved with save_pretrained) and
 a 1-worker `embed` pool on the real MiniLM; tests compare against the same models run in-process.

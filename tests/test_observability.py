@@ -1,4 +1,4 @@
-"""Acceptance tests for observability (issue 6): health that answers while every worker is busy,
+"""Observability: health that answers while every worker is busy,
 hang versus long step, Prometheus metrics that match the client's own counts, logs (JSON lines,
 worker tracebacks with the worker's id), and the `status` CLI.
 

@@ -1,22 +1,18 @@
 """Device placement: the pure functions that turn a device spec into per-worker device sets."""
 from __future__ import annotations
 
-import doctest
+import os
 
 import pytest
 
-from orchestrator.fleet import placement
 from orchestrator.config import PoolConfig
 from orchestrator.fleet.placement import (
     DeviceSet, assign, check_replicas, cuda_visible, parse_devices, pool_cores, split_cores, visible_gpus,
 )
 from orchestrator.fleet.pools import Pool
+from tests.conftest import Server, poll_until
 
-
-def test_module_doctests_pass():
-    result = doctest.testmod(placement, optionflags=doctest.ELLIPSIS)
-    assert result.attempted >= 8  # the examples exist and ran
-    assert result.failed == 0
+WAIT = 120.0  # generous: the machine is shared and loaded; a correct run never waits this long
 
 
 # ----------------------------------------------------------------------------- parse_devices
@@ -186,3 +182,86 @@ def test_slot_cores_are_the_same_at_start_and_at_scale():
 ])
 def test_cuda_visible(devices, value):
     assert cuda_visible(devices) == value
+
+
+# ----------------------------------------------------------------------------- through a real server
+
+
+def env_reports(client, pool: str, n_workers: int) -> dict:
+    """{wid: env handler output}, submitting rounds of jobs until every worker has answered."""
+    seen: dict = {}
+
+    def round_():
+        handles = [client.submit(pool, None) for _ in range(4 * n_workers)]
+        for h in handles:
+            out = h.result(timeout=WAIT)
+            seen[out["wid"]] = out
+        return len(seen) >= n_workers
+
+    poll_until(round_, timeout=WAIT, what=f"all {n_workers} {pool} workers to answer")
+    return seen
+
+
+def child_cuda_env(srv: Server) -> list:
+    """CUDA_VISIBLE_DEVICES of every worker process, read from the OS (not from the worker's word)."""
+    return sorted(p.environ().get("CUDA_VISIBLE_DEVICES") for p in srv.children())
+
+
+def test_placement_one_gpu_id_per_worker_without_gpus(serve):
+    srv = serve(["--devices", "0,1,2,3", "--handler", "env"])
+    seen = env_reports(srv.client(), "env", 4)
+    assert {wid: out["CUDA_VISIBLE_DEVICES"] for wid, out in seen.items()} == {
+        "env/0": "0", "env/1": "1", "env/2": "2", "env/3": "3"}
+    assert all(out["device"] == "cuda:0" for out in seen.values())  # renumbered from 0 inside
+    assert child_cuda_env(srv) == ["0", "1", "2", "3"]
+    # CPU affinity: the serve process's cores split across the 4 workers, in slot order.
+    cores = split_cores(sorted(os.sched_getaffinity(0)), 4)
+    assert {wid: out["affinity"] for wid, out in seen.items()} == {
+        f"env/{i}": cores[i] for i in range(4)}
+
+
+def test_placement_workers_per_device(serve):
+    srv = serve(["--devices", "0,1", "--workers-per-device", "2", "--handler", "env"])
+    seen = env_reports(srv.client(), "env", 4)
+    assert {wid: out["CUDA_VISIBLE_DEVICES"] for wid, out in seen.items()} == {
+        "env/0": "0", "env/1": "0", "env/2": "1", "env/3": "1"}
+    assert child_cuda_env(srv) == ["0", "0", "1", "1"]
+
+
+def test_placement_cpu_workers_see_no_gpu(serve):
+    srv = serve(["--devices", "cpu:2", "--handler", "env"])
+    seen = env_reports(srv.client(), "env", 2)
+    assert all(out["CUDA_VISIBLE_DEVICES"] == "" and out["device"] == "cpu" for out in seen.values())
+
+
+def test_placement_cpu_affinity_off_leaves_threads_free(serve, tmp_path):
+    config = tmp_path / "free.toml"
+    config.write_text('[pools.env]\nhandler = "env"\ndevices = "cpu:2"\ncpu_affinity = false\n')
+    srv = serve(["--config", str(config)])
+    seen = env_reports(srv.client(), "env", 2)
+    everything = sorted(os.sched_getaffinity(0))
+    assert all(out["affinity"] == everything for out in seen.values()), seen
+    # Thread pools are still sized to the worker's share, so unpinned workers don't oversubscribe.
+    shares = [len(c) for c in split_cores(everything, 2)]
+    assert sorted(int(p.environ()["OMP_NUM_THREADS"]) for p in srv.children()) == sorted(shares)
+
+
+def ready_or_fail(client, pool: str) -> bool:
+    """Readiness poll that fails at once, with the reason, when a worker exits while starting."""
+    health = client.health()["pools"][pool]
+    reasons = [w["last_exit_reason"] for w in health["workers"].values() if w["last_exit_reason"]]
+    assert not reasons, f"{pool} workers died while starting: {reasons}"
+    return health["status"] == "ready"
+
+
+@pytest.mark.slow
+def test_placement_tp2_groups_see_their_pair(serve):
+    srv = serve(["--devices", "0,1,2,3", "--tp", "2", "--handler", "env"], ready=False)
+    client = srv.client()
+    poll_until(lambda: ready_or_fail(client, "env"), WAIT, what="both tp=2 groups ready")
+    seen = env_reports(client, "env", 2)
+    assert {wid: out["CUDA_VISIBLE_DEVICES"] for wid, out in seen.items()} == {
+        "env/0": "0,1", "env/1": "2,3"}
+    assert all(out["rank"] == 0 and out["device"] == "cuda:0" for out in seen.values())
+    # Every rank process of a group (not only rank 0) was started with the group's devices.
+    assert child_cuda_env(srv) == ["0,1", "0,1", "2,3", "2,3"]

@@ -1,4 +1,4 @@
-"""Socket fuzzer (issue 7): 10,000 hostile cases at a real coordinator's client socket.
+"""Socket fuzzer: 10,000 hostile cases at a real coordinator's client socket.
 
 Cases are random and mutated from valid messages: wrong types, missing and unknown fields, reply and
 worker ops, huge length headers, deep nesting, non-map tops, ext types, multipart messages with the

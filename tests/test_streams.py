@@ -35,6 +35,7 @@ class FakeEvent:
         self.cuda.log.append(("record", self.name, stream.name))
 
     def query(self) -> bool:
+        self.cuda.queries += 1
         return self.done
 
     def synchronize(self):
@@ -62,6 +63,7 @@ class FakeCuda:
         self.log: list[tuple] = []
         self.events: list[FakeEvent] = []
         self.streams = 0
+        self.queries = 0  # event queries: a thread waiting for a free stream keeps asking
         self.current = threading.local()
 
     def new_stream(self) -> FakeStream:
@@ -211,8 +213,10 @@ def test_blocked_acquire_resumes_when_another_thread_finishes_a_ticket(cuda):
     got = []
     waiter = threading.Thread(target=lambda: got.append(
         pool.to_host_async(torch.full((4,), 2.0), compute_stream=compute)))
+    queries = cuda.queries
     waiter.start()
-    time.sleep(0.05)
+    # The waiter is inside acquire, polling the in-flight copy's event for it to finish: blocked, not done.
+    poll_until(lambda: cuda.queries >= queries + 3, 5, what="the waiter to poll for a free stream")
     assert not got and waiter.is_alive()
     first.wait()
     waiter.join(timeout=5)

@@ -1,4 +1,4 @@
-"""Acceptance tests for supervision (issue 4): crash, hang and stuck detection, restart with a budget,
+"""Supervision: crash, hang and stuck detection, restart with a budget,
 job retry with exactly-once replies, no orphans, graceful drain, stale workers.
 
 Every test runs a real `orchestrator serve` with real worker processes, kills them with real signals

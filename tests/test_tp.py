@@ -257,14 +257,6 @@ def test_guard_timeout_must_be_positive():
         validate(ServerConfig(pools=[PoolConfig(name="tp", tp=2, guard_timeout=0)]))
 
 
-def test_guard_decisions_doctests():
-    import doctest
-
-    import worker.guard
-
-    assert doctest.testmod(worker.guard).failed == 0
-
-
 # ----------------------------------------------------------------------------------- TP generation
 
 

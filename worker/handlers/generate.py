@@ -178,8 +178,8 @@ class GenerateHandler(EngineHandler):
 
         lap("imports_s")
         # Reading config.json imports the model family's modules, and with them transformers' model-loading
-        # stack (core_model_loading, torch.distributed.tensor, accelerate): seconds on the GPU image. That
-        # cost used to land in tokenizer_s, because AutoTokenizer reads the config first.
+        # stack (core_model_loading, torch.distributed.tensor, accelerate): seconds on the GPU image. Loading
+        # it in a phase of its own keeps that cost out of tokenizer_s (AutoTokenizer reads the config first).
         model_config = AutoConfig.from_pretrained(self.config["model"])
         lap("config_s")
         self.tokenizer = AutoTokenizer.from_pretrained(self.config["model"], config=model_config)
