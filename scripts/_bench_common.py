@@ -1,6 +1,7 @@
-"""Helpers shared by the benchmark and GPU-check scripts in scripts/ (not part of the package).
+"""Helpers shared by the benchmarks in scripts/ (not part of the package).
 
-- `Serve`: one `orchestrator serve` subprocess on a free tcp port, its endpoint read from its output;
+- `Serve`: one `orchestrator serve` subprocess on a free tcp port, its endpoint read from its output
+  (the one place a bench parses the "endpoint:" line);
 - `pct`, `fmt_table`: small statistics and a plain-text table;
 - `write_json`: the results file, also copied under $OUT when the device tool set it;
 - `require_gpus`: fail fast, with a clear message, where fewer GPUs are visible than a run needs.
@@ -17,12 +18,13 @@ import tempfile
 import time
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[1]
-if str(ROOT) not in sys.path:
-    sys.path.insert(0, str(ROOT))
+from orchestrator.fleet.slots import GPU_SAFE_ENV
 
-# NVLink multicast can take shared GPUs out of service; every child process inherits these.
-GPU_SAFE_ENV = {"NCCL_NVLS_ENABLE": "0", "TORCH_SYMM_MEM_DISABLE_MULTICAST": "1", "NVSHMEM_DISABLE_NVLS": "1"}
+ROOT = Path(__file__).resolve().parents[1]
+
+# Set on import, before a bench can start CUDA or NCCL in this process; every child inherits them.
+for _name, _value in GPU_SAFE_ENV.items():
+    os.environ.setdefault(_name, _value)
 
 
 def pct(values: list, q: float) -> float:
@@ -434,12 +436,13 @@ def split_waves(prompts: list, size: int) -> list:
 # one mode is still held while the next runs.
 
 def run_role(role: str, spec: dict, env: dict | None = None, timeout: float = 300.0) -> dict:
-    """Run `python _bench_common.py ROLE SPEC` and return the JSON it wrote; raises with its log tail."""
+    """Run `python -m scripts._bench_common ROLE SPEC` and return the JSON it wrote; raises with its log
+    tail."""
     with tempfile.TemporaryDirectory(prefix=f"role-{role}-") as tmp:
         spec_path, out_path, log_path = (os.path.join(tmp, n) for n in ("spec.json", "out.json", "log"))
         Path(spec_path).write_text(json.dumps({**spec, "out": out_path}))
         with open(log_path, "wb") as log:
-            proc = subprocess.run([sys.executable, __file__, role, spec_path], stdout=log,
+            proc = subprocess.run([sys.executable, "-m", "scripts._bench_common", role, spec_path], stdout=log,
                                   stderr=subprocess.STDOUT, env={**os.environ, **(env or {})},
                                   cwd=str(ROOT), timeout=timeout)
         if proc.returncode != 0 or not os.path.exists(out_path):

@@ -10,14 +10,14 @@ real `orchestrator serve --handler echo --devices cpu:N` subprocess.
   latency    one job in flight, sequential: round-trip p50/p99 (Client.run; the floor: send + recv)
   pipelined  `--window` jobs in flight: jobs/s with 1 and 4 workers (Client and AsyncClient: a window of
              submit()s, then result()s oldest first, topping the window up; AsyncClient also with a task
-             per job under a Semaphore, for information). Target (issue 17): AsyncClient >= 0.8x Client.
+             per job under a Semaphore, for information). Target: AsyncClient >= 0.8x Client.
 
-Targets (issue 2): round-trip p50 <= 1.5x the floor; pipelined >= 0.3x the floor and >= 10,000 jobs/s.
+Targets: round-trip p50 <= 1.5x the floor; pipelined >= 0.3x the floor and >= 10,000 jobs/s.
 The machine is shared and its load moves within seconds, so every round measures the floor and the
 orchestrator back to back; figures are medians over `--repeat` rounds and each ratio is the median of
 the per-round ratios.
 
-  python scripts/bench_dispatch.py [--repeat 5] [--out docs/bench_results/bench_dispatch.json]
+  python3 -m scripts.bench_dispatch [--repeat 5] [--out docs/bench_results/bench_dispatch.json]
 """
 from __future__ import annotations
 
@@ -29,16 +29,13 @@ import platform
 import statistics
 import sys
 import time
-from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _bench_common import Serve, fmt_table, interleaved, pct, run_latency, run_pipelined, write_json  # noqa: E402
+import zmq
 
-import zmq  # noqa: E402
-
-from orchestrator import AsyncClient, Client  # noqa: E402
-from protocol import Codec  # noqa: E402
-from protocol.messages import Submit  # noqa: E402
+from orchestrator import AsyncClient, Client
+from protocol import Codec
+from protocol.messages import Submit
+from scripts._bench_common import Serve, fmt_table, interleaved, pct, run_latency, run_pipelined, write_json
 
 PAYLOAD = "ping"  # the echo job's input; the floor sends a message of the same encoded size
 RECV_BATCH = 256
@@ -278,7 +275,7 @@ def summarize(one: list, four: list) -> dict:
     for name in ("1w", "4w"):
         s["checks"][f"pipelined_{name}_ge_0.3x_floor_and_10k"] = \
             s[f"ratio_{name}"] >= 0.3 and s[f"jobs_per_s_{name}"] >= 10_000
-        s["checks"][f"async_{name}_ge_0.8x_client"] = s[f"async_vs_client_{name}"] >= 0.8  # issue 17
+        s["checks"][f"async_{name}_ge_0.8x_client"] = s[f"async_vs_client_{name}"] >= 0.8
     return s
 
 

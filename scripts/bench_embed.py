@@ -1,5 +1,5 @@
 #!/usr/bin/env python
-"""Embeddings through the orchestrator against the engine's best in-process figure (issue 13).
+"""Embeddings through the orchestrator against the engine's best in-process figure.
 Device tool: nvidia-h200 (one GPU); `--smoke` runs the plumbing tiny on CPU.
 
 Encoders: a MiniLM-sized BERT (6 layers x 384) and a BERT-base-sized one (12 x 768), random weights, built
@@ -17,26 +17,20 @@ L2 normalisation, max length 256 (no text reaches it).
 Also checked: the worker's vectors equal the baseline's (max |difference| printed). Goals: >= 0.9 of the
 best for jobs of 32 texts or more; >= 0.5 for single-text jobs.
 
-  PYTHONPATH=$PWD python scripts/bench_embed.py --out docs/bench_results/embed.json
+  python3 -m scripts.bench_embed --out docs/bench_results/embed.json
 """
+import argparse
+import json
 import os
+import random
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
 
-for _k, _v in {"NCCL_NVLS_ENABLE": "0", "TORCH_SYMM_MEM_DISABLE_MULTICAST": "1",
-               "NVSHMEM_DISABLE_NVLS": "1"}.items():
-    os.environ.setdefault(_k, _v)  # before anything can start CUDA; every child inherits them
-
-import argparse  # noqa: E402
-import json  # noqa: E402
-import random  # noqa: E402
-import statistics  # noqa: E402
-import subprocess  # noqa: E402
-import sys  # noqa: E402
-import tempfile  # noqa: E402
-import time  # noqa: E402
-from pathlib import Path  # noqa: E402
-
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _bench_common import ROOT, Serve, Steps, finish, fmt_table, require_gpus, write_pools_toml  # noqa: E402
+from scripts._bench_common import ROOT, Serve, Steps, finish, fmt_table, require_gpus, write_pools_toml
 
 VOCAB_WORDS = 30000
 MAX_LEN = 256
@@ -102,7 +96,7 @@ def run_baseline(spec: dict, env: dict, timeout: float) -> dict:
     with tempfile.TemporaryDirectory(prefix="bench-embed-") as tmp:
         spec_path, out_path = os.path.join(tmp, "spec.json"), os.path.join(tmp, "out.json")
         Path(spec_path).write_text(json.dumps({**spec, "out": out_path}))
-        proc = subprocess.run([sys.executable, __file__, "--role-baseline", spec_path], env={**os.environ, **env},
+        proc = subprocess.run([sys.executable, "-m", "scripts.bench_embed", "--role-baseline", spec_path], env={**os.environ, **env},
                               cwd=str(ROOT), timeout=timeout, capture_output=True, text=True)
         if proc.returncode != 0:
             raise RuntimeError(f"baseline exited {proc.returncode}:\n{(proc.stdout + proc.stderr)[-2500:]}")

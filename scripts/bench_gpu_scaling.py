@@ -1,5 +1,5 @@
 #!/usr/bin/env python
-"""GPU scaling (issue 8). Device tool: nvidia-h200-x4 (also runs on x2 with --gpus 1,2).
+"""GPU scaling. Device tool: nvidia-h200-x4 (also runs on x2 with --gpus 1,2).
 
 One model and one workload in every mode: a random-weight Llama of about 0.87B parameters in bf16
 (16 layers x 2048, built here and saved with save_pretrained), greedy, `--new-tokens` per request,
@@ -27,23 +27,25 @@ workers are READY) against one worker. Goals: efficiency >= 0.97 at N = 2 and 4;
 in-process; orchestrator N=4 >= 4x threads N=4; cold start N / cold start 1 <= 1.2.
 With `--repeats R` each orchestrator mode runs R times (N alternating, a fresh server each time) and the
 table gives medians, with efficiency paired by repeat: one worker's rate follows the speed of the single
-CPU core its engine thread runs on, which differs from server to server (scripts/diag_scaling.py).
+CPU core its engine thread runs on, which differs from server to server (docs/benchmarks.md, "Where the
+time goes").
 Writes JSON to --out and $OUT/bench_gpu_scaling.json. `--smoke`: tiny CPU run of the plumbing.
 
-  PYTHONPATH=$PWD python scripts/bench_gpu_scaling.py --gpus 1,2,4 --repeats 3 --budget 480 \
+  python3 -m scripts.bench_gpu_scaling --gpus 1,2,4 --repeats 3 --budget 480 \
       --out docs/bench_results/gpu_scaling.json
 
-Engine comparison (issue 13, `--levels 16,64,128`, one GPU): the generate handler's engine defaults against
+Engine comparison (`--levels 16,64,128`, one GPU): the generate handler's engine defaults against
 the old ones, and against in-process with the same engine, at several concurrency levels. Each level has
 its own engine sizing (engine_config: KV blocks, token budget), as in the scaling runs: with graphs and
-sdpa the engine's speed falls with its cache's size (scripts/diag_cb_padding.py), so one sizing for every
+sdpa the engine's speed falls with its cache's size (docs/benchmarks.md, "Why graphs with sdpa need a small
+cache"), so one sizing for every
 level would understate the low ones. Per repeat, one fresh server with one pool per level (all on GPU 0,
 driven one at a time) or one process with one engine per level; per level an untimed wave, then `--waves`
 timed waves:
 
   new         orchestrator, one worker, the handler's defaults (on CUDA: CUDA graphs, async batching,
               warm-up inside load());
-  old         orchestrator, one worker, the defaults before issue 13 (`use_cuda_graph` and
+  old         orchestrator, one worker, without graphs and warm-up (`use_cuda_graph` and
               `use_async_batching` false, no warm-up);
   inproc      the CB manager in a process of its own with the new defaults' switches (graphs, async
               batching, KV reads padded to 1,024), warmed with `manager.warmup()` and the untimed wave.
@@ -53,23 +55,16 @@ new >= 0.98 x in-process at every level. `--parity` first checks, on a small flo
 new defaults' greedy output equals plain `model.generate` token for token (prompts one at a time, then
 all at once).
 
-  PYTHONPATH=$PWD python scripts/bench_gpu_scaling.py --gpus 1 --levels 16,64,128 --repeats 2 --parity \
+  python3 -m scripts.bench_gpu_scaling --gpus 1 --levels 16,64,128 --repeats 2 --parity \
       --out docs/bench_results/gpu_engines.json
 """
+import argparse
 import os
+import sys
+import tempfile
+import time
 
-for _k, _v in {"NCCL_NVLS_ENABLE": "0", "TORCH_SYMM_MEM_DISABLE_MULTICAST": "1",
-               "NVSHMEM_DISABLE_NVLS": "1"}.items():
-    os.environ.setdefault(_k, _v)  # before anything can start CUDA; every child inherits them
-
-import argparse  # noqa: E402
-import sys  # noqa: E402
-import tempfile  # noqa: E402
-import time  # noqa: E402
-from pathlib import Path  # noqa: E402
-
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _bench_common import (  # noqa: E402
+from scripts._bench_common import (
     Serve, Steps, finish, fmt_table, make_prompts, orch_waves, require_gpus, run_role, split_waves,
     write_json, write_pools_toml,
 )
@@ -175,7 +170,7 @@ class Bench:
         raise RuntimeError(f"threads x{n}: every method failed: {tried}")
 
 
-# ------------------------------------------------------------------------------ engine comparison (issue 13)
+# ------------------------------------------------------------------------------------ engine comparison
 
 OLD_SWITCHES = {"use_cuda_graph": False, "use_async_batching": False}
 NEW_SWITCHES = {"use_cuda_graph": True, "use_async_batching": True}

@@ -1,5 +1,5 @@
 #!/usr/bin/env python
-"""One collective-guard exchange on CPU: shared memory against gloo, between 2 and 4 ranks (issue 13).
+"""One collective-guard exchange on CPU: shared memory against gloo, between 2 and 4 ranks.
 
 Each rank is a process of its own (as TP workers are): a TCPStore rendezvous, a gloo process group, then a
 `CollectiveGuard` with its transport forced to "shm" or "gloo". Every rank runs `--warmup` untimed guard
@@ -9,7 +9,7 @@ the exchange, the comparison. The table gives p50/p99/max in µs over every rank
 load average, since on a shared 2-core machine a descheduled peer shows up as a slow step.
 Goal: shm p99 <= 50 µs on the 2-core machine.
 
-  PYTHONPATH=$PWD python scripts/bench_guard.py --ranks 2,4 --steps 5000 --out docs/bench_results/guard.json
+  python3 -m scripts.bench_guard --ranks 2,4 --steps 5000 --out docs/bench_results/guard.json
 """
 from __future__ import annotations
 
@@ -22,8 +22,7 @@ import tempfile
 import time
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _bench_common import ROOT, finish, fmt_table, pct  # noqa: E402
+from scripts._bench_common import ROOT, finish, fmt_table, pct
 
 RANK_SCRIPT = r"""
 import json, os, sys, time

@@ -1,5 +1,5 @@
 #!/usr/bin/env python
-"""`health` and `status` latency while every worker is busy (issue 6: p99 < 50 ms on the 2-core box).
+"""`health` and `status` latency while every worker is busy (goal: p99 < 50 ms on the 2-core box).
 
 Starts `orchestrator serve --handler sleep --devices cpu:N`, fills every worker's credits with
 `--sleep-s` second sleep jobs, and while they run makes `--calls` health and `--calls` status calls,
@@ -11,7 +11,7 @@ With `--devices 0,1,...` (GPU ids) the workers run `CudaSleep` below instead: th
 holding a CUDA allocation, so that each worker reports GPU memory used/total. The run ends by printing
 `orchestrator status` as the CLI shows it and the `orchestrator_gpu_memory_*` metrics.
 
-  python scripts/bench_health.py [--workers 2 | --devices 0,1] [--sleep-s 10] [--calls 200]
+  python3 -m scripts.bench_health [--workers 2 | --devices 0,1] [--sleep-s 10] [--calls 200]
                                  [--out docs/bench_results/health.json]
 """
 from __future__ import annotations
@@ -23,14 +23,11 @@ import sys
 import threading
 import time
 import urllib.request
-from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _bench_common import Serve, fmt_table, pct, write_json  # noqa: E402
-
-from orchestrator import Client  # noqa: E402
-from orchestrator.cli.status_table import render_status  # noqa: E402
-from worker.handlers.basic import Sleep  # noqa: E402
+from orchestrator import Client
+from orchestrator.cli.status_table import render_status
+from scripts._bench_common import Serve, fmt_table, pct, write_json
+from worker.handlers.basic import Sleep
 
 TARGET_P99_MS = 50.0
 CUDA_HOLD_BYTES = 512 * 2**20

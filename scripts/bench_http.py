@@ -19,7 +19,7 @@ The load generator is a small asyncio client over raw sockets (HTTP/1.1, Content
 lighter than httpx, so that the client takes as little of the 2 cores as it can. It runs on the same
 machine as the server: every figure includes that contention, for the baseline too.
 
-  python scripts/bench_http.py [--repeat 3] [--seconds 5] [--out docs/bench_results/bench_http.json]
+  python3 -m scripts.bench_http [--repeat 3] [--seconds 5] [--out docs/bench_results/bench_http.json]
 """
 from __future__ import annotations
 
@@ -36,10 +36,8 @@ import tempfile
 import time
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _bench_common import Serve, fmt_table, interleaved, pct, run_latency, write_json  # noqa: E402
-
-from orchestrator import Client  # noqa: E402
+from orchestrator import Client
+from scripts._bench_common import Serve, fmt_table, interleaved, pct, run_latency, write_json
 
 JOB = {"prompt": "Hello", "max_new_tokens": 1, "temperature": 0}
 

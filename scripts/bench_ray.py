@@ -1,6 +1,6 @@
 """Ray mode against the local launcher, on a 2-node Ray cluster made on this machine (CPU only).
 
-    python3 scripts/bench_ray.py [--jobs 2000] [--rounds 3] [--trials 3] [--json PATH]
+    python3 -m scripts.bench_ray [--jobs 2000] [--rounds 3] [--trials 3] [--json PATH]
 
 The cluster is `ray.cluster_utils.Cluster`: a head with no resources and two nodes with 2 CPUs (and
 2 fake GPUs) each, every process on 127.0.0.1 (RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER=0). Three figures:
@@ -28,19 +28,16 @@ import re
 import statistics
 import sys
 import tempfile
-import threading
 import time
 from datetime import datetime
 
 os.environ["RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"] = "0"  # read when ray is imported: everything on loopback
 os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
 
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from _bench_common import (  # noqa: E402
+from orchestrator import Client  # noqa: E402  (after the environment above: ray reads it on import)
+from scripts._bench_common import (  # noqa: E402
     Serve, Steps, finish, fmt_table, pct, run_latency, run_pipelined, write_pools_toml,
 )
-
-from orchestrator import Client  # noqa: E402
 
 PAYLOAD = {"x": 1}
 NODE = {"num_cpus": 2, "num_gpus": 2}

@@ -1,4 +1,4 @@
-"""Recovery benchmark (issue 4): how fast the coordinator notices a dead or hung worker and re-runs its job.
+"""Recovery benchmark: how fast the coordinator notices a dead or hung worker and re-runs its job.
 
 Runs a real `orchestrator serve` (4 CPU workers, `sleep` handler) and measures:
 
@@ -14,17 +14,15 @@ Runs a real `orchestrator serve` (4 CPU workers, `sleep` handler) and measures:
 Times come from one wall clock: this script reads time.time() around each signal, and the coordinator's
 JSON log lines carry time.time() of the event (ms resolution). Percentiles are nearest-rank.
 
-    python scripts/bench_recovery.py [--kills 50] [--hangs 5] [--orphans 3] [--json samples.json]
+    python3 -m scripts.bench_recovery [--kills 50] [--hangs 5] [--orphans 3] [--json samples.json]
 """
 from __future__ import annotations
 
 import argparse
 import itertools
 import json
-import math
 import os
 import signal
-import subprocess
 import sys
 import tempfile
 import time
@@ -32,11 +30,9 @@ import time
 import psutil
 import zmq
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-sys.path.insert(0, ROOT)
-
-from protocol import Codec  # noqa: E402
-from protocol.messages import Error, Ok, Result, Status, Submit  # noqa: E402
+from protocol import Codec
+from protocol.messages import Error, Ok, Result, Status, Submit
+from scripts._bench_common import Serve, pct
 
 JOB_MS = 300  # long enough that the job is still running when its worker is killed
 CONFIG = """
@@ -54,33 +50,25 @@ restart_backoff_max = 0.05
 
 
 class Server:
-    """One `orchestrator serve` subprocess whose JSON log is followed line by line."""
+    """A `Serve` on the config above whose JSON log is followed line by line (read incrementally: a
+    trial polls it every few ms)."""
 
     def __init__(self, workdir: str):
-        self.config = os.path.join(workdir, "bench.toml")
-        with open(self.config, "w") as f:
+        config = os.path.join(workdir, "bench.toml")
+        with open(config, "w") as f:
             f.write(CONFIG)
-        self.log_path = os.path.join(workdir, f"serve-{time.monotonic_ns()}.log")
-        self.log_file = open(self.log_path, "wb")
-        env = {**os.environ, "PYTHONPATH": ROOT}
-        self.proc = subprocess.Popen(
-            [sys.executable, "-m", "orchestrator", "serve", "--config", self.config,
-             "--address", "tcp://127.0.0.1:0"],
-            stdout=self.log_file, stderr=subprocess.STDOUT, env=env, cwd=ROOT)
-        self._reader = open(self.log_path, "r", errors="replace")
+        self.serve = Serve(["--config", config], log_dir=workdir).start(ready=False, timeout=60)
+        self.proc, self.endpoint = self.serve.proc, self.serve.address
+        self._reader = open(self.serve.log_path, "r", errors="replace")
         self._partial = ""
         self.entries: list[dict] = []
-        self.endpoint = None
-        self.wait_for(lambda: self.endpoint, 60, "the endpoint line")
 
     def read_log(self) -> None:
         text = self._partial + self._reader.read()
         lines = text.split("\n")
         self._partial = lines.pop()
         for line in lines:
-            if line.startswith("endpoint: "):
-                self.endpoint = line.split()[1]
-            elif line.startswith("{"):
+            if line.startswith("{"):
                 try:
                     self.entries.append(json.loads(line))
                 except ValueError:
@@ -107,15 +95,8 @@ class Server:
         return None
 
     def close(self) -> None:
-        if self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGTERM)
-            try:
-                self.proc.wait(30)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait()
-        self.log_file.close()
         self._reader.close()
+        self.serve.close()
 
 
 class RawClient:
@@ -234,12 +215,6 @@ def orphan_trial(workdir: str) -> float:
 
 
 # ---------------------------------------------------------------------------- report
-
-
-def pct(values: list[float], p: float) -> float:
-    """Nearest-rank percentile."""
-    s = sorted(values)
-    return s[max(0, math.ceil(p / 100 * len(s)) - 1)]
 
 
 def row(name: str, values: list[float], target: str) -> str:

@@ -20,6 +20,11 @@ os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 os.environ.setdefault("ORCHESTRATOR_VALIDATE", "1")
 
 
+def pytest_addoption(parser):
+    parser.addoption("--gpu-dry-run", action="store_true",
+                     help="run the gpu-marked tests that can on CPU workers with tiny models (tests/gpu)")
+
+
 def poll_until(predicate, timeout: float = 10.0, interval: float = 0.02, what: str = "condition"):
     """Poll `predicate()` until it returns a truthy value (returned) or fail after `timeout` s."""
     deadline = time.monotonic() + timeout

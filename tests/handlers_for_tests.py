@@ -171,7 +171,7 @@ class DeviceRoundTrip(Handler):
 
     On a CUDA worker `delay_cycles` queues a sleep kernel on the compute stream before y is written, so a
     device-to-host copy that did not wait for the compute stream would read y's memory before it holds y
-    (scripts/gpu_check_streams.py, check "worker"). On a CPU worker the API is a plain conversion.
+    (tests/gpu/test_streams_gpu.py). On a CPU worker the API is a plain conversion.
     """
 
     capacity = 4

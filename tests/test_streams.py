@@ -2,7 +2,7 @@
 
 Only the CUDA stream and event objects are fakes (FakeCuda below); the pool, its buffers and the
 copies are real torch code on CPU tensors. The fakes log every record, wait and copy in order.
-scripts/gpu_check_streams.py runs the same API through a real worker on a GPU.
+tests/gpu/test_streams_gpu.py runs the same API through a real worker on a GPU.
 """
 from __future__ import annotations
 

@@ -18,7 +18,7 @@ Input: {"value": number} plus optional test switches:
 Config: "mismatch_on", "mismatch_rank", "once_dir", "max_batch" (8).
 
 SkewedGenerateHandler: the generate handler plus a test switch for TP groups, used by the tests and
-scripts/gpu_check_tp.py ("tests.tp_handlers:SkewedGenerateHandler"): on rank "skew_rank" (default 1), a
+tests/gpu/test_tp_gpu.py ("tests.tp_handlers:SkewedGenerateHandler"): on rank "skew_rank" (default 1), a
 forward of one sequence of exactly "skew_tokens" tokens shows the collective guard a different fingerprint
 (an injected asymmetric batch, as if that rank had scheduled other requests).
 """

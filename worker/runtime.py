@@ -284,7 +284,7 @@ class ComputeLoop:
 
         Jobs sent at once reach us a fraction of a millisecond apart. transformers' continuous batching
         ran a wave of 32 requests at 2,735 tok/s when they were added back to back, but at 1,455 tok/s
-        when they came 0.2 ms apart (scripts/diag_cb_arrival.py, H200): so while jobs keep arriving
+        when they came 0.2 ms apart (H200; docs/benchmarks.md, "Models on GPU"): so while jobs keep arriving
         within the handler's `admit_window_s` of each other, keep collecting (at most 5 windows)."""
         window = self.handler.admit_window_s  # defined on EngineHandler; only engines get here
         if not self.pending or window <= 0:

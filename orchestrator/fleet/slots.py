@@ -21,7 +21,7 @@ from orchestrator.states import LIVE, SERVING, SLOT_TRANSITIONS, SlotState, move
 # Where the `worker` package lives, so workers import it even from an uninstalled checkout.
 _SOURCE_ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 # NVLink multicast can take shared GPUs out of service; keep it off in every child we start.
-_SAFE_ENV = {"NCCL_NVLS_ENABLE": "0", "TORCH_SYMM_MEM_DISABLE_MULTICAST": "1", "NVSHMEM_DISABLE_NVLS": "1"}
+GPU_SAFE_ENV = {"NCCL_NVLS_ENABLE": "0", "TORCH_SYMM_MEM_DISABLE_MULTICAST": "1", "NVSHMEM_DISABLE_NVLS": "1"}
 
 
 @dataclass(frozen=True)
@@ -163,7 +163,7 @@ def worker_spec(spec: SlotSpec, rank: int, incarnation: int, endpoint: str, cfg)
 
 def worker_env(spec: SlotSpec, rank: int) -> dict:
     env = dict(os.environ)
-    env.update(_SAFE_ENV)
+    env.update(GPU_SAFE_ENV)
     # Set before the worker starts, so CUDA inside it only ever sees this slot's devices.
     env["CUDA_VISIBLE_DEVICES"] = cuda_visible(spec.devices)
     env["CUDA_DEVICE_ORDER"] = "PCI_BUS_ID"  # CUDA and NVML then number GPUs the same way

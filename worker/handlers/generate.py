@@ -139,7 +139,7 @@ class GenerateHandler(EngineHandler):
             raise ConfigError("generate handler: config needs 'model' (a local path or a hub id)")
         self.capacity = int(self.config.get("capacity", 32))
         # Jobs arriving within 2 ms of each other join the engine as one burst: CB ran half as fast when a
-        # wave's requests trickled in 0.2 ms apart (scripts/diag_cb_arrival.py).
+        # wave's requests trickled in 0.2 ms apart (docs/benchmarks.md, "Models on GPU").
         self.admit_window_s = float(self.config.get("admit_window_ms", 2.0)) / 1000
         self.model = None
         self.tokenizer = None
@@ -365,7 +365,8 @@ class GenerateHandler(EngineHandler):
     def _size_graphed_mask_engine(self, cb: dict) -> None:
         """Graphs with an attention mask (sdpa): the engine keeps a mask buffer of max_batch_tokens x (KV cache
         tokens + max_batch_tokens) and moves it every step, so its speed falls with the cache's size (on an
-        H200, concurrency 16: 2,590 tok/s with 136 KV blocks, 203 with 2,048; scripts/diag_cb_padding.py).
+        H200, concurrency 16: 2,590 tok/s with 136 KV blocks, 203 with 2,048; docs/benchmarks.md, "Why graphs
+        with sdpa need a small cache").
         A cache sized from free GPU memory (transformers' default) would be far larger still. So unless "cb"
         says otherwise: KV blocks for `capacity` requests of up to max_new_tokens_cap + PROMPT_ESTIMATE tokens,
         a token budget of GRAPHED_BATCH_TOKENS, and KV reads padded to 1,024 tokens instead of 16,384
